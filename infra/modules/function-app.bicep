@@ -1,0 +1,215 @@
+// Flex Consumption plan (FC1) and the Python 3.11 Function App. Every connection is
+// identity-based through the user-assigned identity: host storage (AzureWebJobsStorage__*), the
+// deployment package container (functionAppConfig.deployment.storage) and the app's own data
+// connection STORAGE (STORAGE__*). No key or connection string with a secret is set.
+//
+// Flex Consumption rejects FUNCTIONS_WORKER_RUNTIME, FUNCTIONS_EXTENSION_VERSION,
+// WEBSITE_RUN_FROM_PACKAGE and the other settings replaced by functionAppConfig: do not add them.
+
+@description('Azure region.')
+param location string
+
+@description('Function App name (also the host name: <name>.azurewebsites.net).')
+param name string
+
+@description('Flex Consumption plan name.')
+param planName string
+
+@description('Resource id of the user-assigned identity.')
+param identityId string
+
+@description('Client id of the user-assigned identity.')
+param identityClientId string
+
+@description('Blob endpoint of the host storage account (https://<account>.blob.core.windows.net/).')
+param hostBlobEndpoint string
+
+@description('Queue endpoint of the host storage account.')
+param hostQueueEndpoint string
+
+@description('Table endpoint of the host storage account.')
+param hostTableEndpoint string
+
+@description('Deployment package container in the host storage account.')
+param deploymentContainerName string
+
+@description('Blob endpoint of the data storage account (connection STORAGE).')
+param dataBlobEndpoint string
+
+@description('Queue endpoint of the data storage account (the blob trigger poison queue).')
+param dataQueueEndpoint string
+
+@description('Application Insights connection string (not a secret; ingestion requires Entra ID).')
+param appInsightsConnectionString string
+
+// Scale (functionAppConfig.scaleAndConcurrency)
+@description('Upper bound of instances the app scales out to.')
+@minValue(1)
+@maxValue(1000)
+param maximumInstanceCount int = 100
+
+@description('Memory of each instance in MB; CPU is allocated in proportion.')
+@allowed([
+  512
+  2048
+  4096
+])
+param instanceMemoryMB int = 2048
+
+@description('Concurrent HTTP invocations one instance takes before the platform adds another.')
+@minValue(1)
+@maxValue(1000)
+param httpPerInstanceConcurrency int = 8
+
+@description('Always-ready instances for the HTTP group (0: scale to zero, cold starts possible).')
+@minValue(0)
+@maxValue(1000)
+param alwaysReadyInstances int = 0
+
+// Application settings read by detector/config.py (see docs/CONFIGURATION.md).
+param modelVersion string = ''
+param modelsContainerName string = 'models'
+param modelCacheDir string = '/tmp/ptd-models'
+param defaultModel string = 'random_forest'
+param batchInContainerName string = 'batch-in'
+param batchOutContainerName string = 'batch-out'
+param maxBatchRecords int = 10000
+param maxInvoicesPerCustomer int = 2000
+param maxBodyBytes int = 52428800
+param rateLimitPerMinute int = 0
+param corsOrigins string = ''
+param logLevel string = 'INFO'
+
+@description('Tags for every resource.')
+param tags object = {}
+
+// Always-ready instances apply to the group of HTTP triggers ('http'); the blob trigger ('blob'
+// group) is woken by its Event Grid webhook.
+var alwaysReadyHttp = [
+  {
+    name: 'http'
+    instanceCount: alwaysReadyInstances
+  }
+]
+
+resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
+  name: planName
+  location: location
+  tags: tags
+  kind: 'functionapp'
+  sku: {
+    name: 'FC1'
+    tier: 'FlexConsumption'
+  }
+  properties: {
+    reserved: true
+  }
+}
+
+resource app 'Microsoft.Web/sites@2024-04-01' = {
+  name: name
+  location: location
+  tags: tags
+  kind: 'functionapp,linux'
+  identity: {
+    type: 'UserAssigned'
+    userAssignedIdentities: {
+      '${identityId}': {}
+    }
+  }
+  properties: {
+    serverFarmId: plan.id
+    httpsOnly: true
+    clientCertEnabled: false
+    siteConfig: {
+      minTlsVersion: '1.2'
+      ftpsState: 'Disabled'
+      http20Enabled: true
+    }
+    functionAppConfig: {
+      deployment: {
+        storage: {
+          type: 'blobContainer'
+          value: '${hostBlobEndpoint}${deploymentContainerName}'
+          authentication: {
+            type: 'UserAssignedIdentity'
+            userAssignedIdentityResourceId: identityId
+          }
+        }
+      }
+      runtime: {
+        name: 'python'
+        version: '3.11'
+      }
+      scaleAndConcurrency: {
+        maximumInstanceCount: maximumInstanceCount
+        instanceMemoryMB: instanceMemoryMB
+        alwaysReady: alwaysReadyInstances > 0 ? alwaysReadyHttp : []
+        triggers: {
+          http: {
+            perInstanceConcurrency: httpPerInstanceConcurrency
+          }
+        }
+      }
+    }
+  }
+}
+
+resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
+  parent: app
+  name: 'appsettings'
+  properties: {
+    // Host storage, identity-based.
+    AzureWebJobsStorage__blobServiceUri: hostBlobEndpoint
+    AzureWebJobsStorage__queueServiceUri: hostQueueEndpoint
+    AzureWebJobsStorage__tableServiceUri: hostTableEndpoint
+    AzureWebJobsStorage__credential: 'managedidentity'
+    AzureWebJobsStorage__clientId: identityClientId
+    // The app's data connection STORAGE: models, batch-in, batch-out (and the trigger's poison queue).
+    STORAGE__blobServiceUri: dataBlobEndpoint
+    STORAGE__queueServiceUri: dataQueueEndpoint
+    STORAGE__credential: 'managedidentity'
+    STORAGE__clientId: identityClientId
+    // Telemetry through OpenTelemetry, authenticated with the identity (local auth is off).
+    APPLICATIONINSIGHTS_CONNECTION_STRING: appInsightsConnectionString
+    APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'
+    PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY: 'true'
+    // Application settings (detector/config.py).
+    PTD_MODEL_SOURCE: 'blob'
+    PTD_MODEL_VERSION: modelVersion
+    PTD_MODEL_CONTAINER: modelsContainerName
+    PTD_MODEL_CACHE_DIR: modelCacheDir
+    PTD_DEFAULT_MODEL: defaultModel
+    PTD_BATCH_IN_CONTAINER: batchInContainerName
+    PTD_BATCH_OUT_CONTAINER: batchOutContainerName
+    PTD_MAX_BATCH_RECORDS: string(maxBatchRecords)
+    PTD_MAX_INVOICES_PER_CUSTOMER: string(maxInvoicesPerCustomer)
+    PTD_MAX_BODY_BYTES: string(maxBodyBytes)
+    PTD_RATE_LIMIT_PER_MINUTE: string(rateLimitPerMinute)
+    PTD_CORS_ORIGINS: corsOrigins
+    PTD_LOG_LEVEL: logLevel
+  }
+}
+
+// Code is deployed with Entra ID (azure/login OIDC + Azure/functions-action): no publishing
+// user names or passwords.
+resource ftpBasicAuth 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-04-01' = {
+  parent: app
+  name: 'ftp'
+  properties: {
+    allow: false
+  }
+}
+
+resource scmBasicAuth 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-04-01' = {
+  parent: app
+  name: 'scm'
+  properties: {
+    allow: false
+  }
+}
+
+output id string = app.id
+output name string = app.name
+output defaultHostName string = app.properties.defaultHostName
+output planId string = plan.id
