@@ -1,0 +1,47 @@
+# Two commands from a fresh clone: `make run` and `make test`. Both build .venv by themselves.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DATA ?= ../shared/data/steg
+HOST ?= 127.0.0.1
+PORT ?= 7071
+
+.PHONY: run test lint format typecheck train bench azurite clean
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11'"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $(STAMP)
+
+node_modules/.bin/azurite-blob: package.json
+	npm install --no-audit --no-fund --silent
+	touch $@
+
+azurite: node_modules/.bin/azurite-blob
+
+run: $(STAMP)
+	$(VENV)/bin/ptd serve --host $(HOST) --port $(PORT)
+
+test: $(STAMP) azurite
+	$(PY) -m pytest -n 2 --dist loadgroup
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+train: $(STAMP)
+	$(VENV)/bin/ptd train --data $(DATA) --out models_artifacts
+
+bench: $(STAMP) azurite
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,89 @@
+"""Settings read from the environment, once, into a frozen dataclass.
+
+Every setting the code reads is listed here (and in docs/CONFIGURATION.md); the Bicep sets the
+same names as app settings. Nothing here has a secret as default.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models_artifacts"
+MODEL_NAMES = ("random_forest", "logistic_regression")
+
+
+class ConfigError(ValueError):
+    """A setting is present but unusable; the message names the setting."""
+
+
+def _int(env: dict[str, str], name: str, default: int, minimum: int = 1) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"setting {name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ConfigError(f"setting {name}={value} must be at least {minimum}")
+    return value
+
+
+def _list(env: dict[str, str], name: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Runtime settings. Build with `Settings.from_env()`; tests pass their own mapping."""
+
+    model_source: str = "local"  # PTD_MODEL_SOURCE: "local" (bundled files) or "blob"
+    model_dir: Path = BUNDLED_MODEL_DIR  # PTD_MODEL_DIR: artifact folder when source is local
+    model_version: str = ""  # PTD_MODEL_VERSION: pin a published version; empty = the pointer
+    model_container: str = "models"  # PTD_MODEL_CONTAINER
+    model_cache_dir: Path = Path("/tmp/ptd-models")  # PTD_MODEL_CACHE_DIR
+    default_model: str = "random_forest"  # PTD_DEFAULT_MODEL
+    storage_connection: str = "STORAGE"  # name of the connection setting prefix (see store.py)
+    batch_in_container: str = "batch-in"  # PTD_BATCH_IN_CONTAINER
+    batch_out_container: str = "batch-out"  # PTD_BATCH_OUT_CONTAINER
+    max_batch_records: int = 10_000  # PTD_MAX_BATCH_RECORDS
+    max_invoices_per_customer: int = 2_000  # PTD_MAX_INVOICES_PER_CUSTOMER
+    max_body_bytes: int = 50 * 1024 * 1024  # PTD_MAX_BODY_BYTES
+    rate_limit_per_minute: int = 0  # PTD_RATE_LIMIT_PER_MINUTE per caller; 0 = off
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # PTD_API_KEYS "name:key,..."
+    cors_origins: tuple[str, ...] = ()  # PTD_CORS_ORIGINS comma-separated allowlist
+    log_level: str = "INFO"  # PTD_LOG_LEVEL
+    appinsights_connection: str = field(default="", repr=False)  # APPLICATIONINSIGHTS_CONNECTION_STRING
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if environ is None else environ)
+        source = env.get("PTD_MODEL_SOURCE", "local").strip().lower() or "local"
+        if source not in ("local", "blob"):
+            raise ConfigError(f"setting PTD_MODEL_SOURCE={source!r} must be 'local' or 'blob'")
+        default_model = env.get("PTD_DEFAULT_MODEL", "random_forest").strip() or "random_forest"
+        if default_model not in MODEL_NAMES:
+            raise ConfigError(
+                f"setting PTD_DEFAULT_MODEL={default_model!r} must be one of {', '.join(MODEL_NAMES)}"
+            )
+        return cls(
+            model_source=source,
+            model_dir=Path(env.get("PTD_MODEL_DIR") or BUNDLED_MODEL_DIR),
+            model_version=env.get("PTD_MODEL_VERSION", "").strip(),
+            model_container=env.get("PTD_MODEL_CONTAINER", "models").strip() or "models",
+            model_cache_dir=Path(env.get("PTD_MODEL_CACHE_DIR") or "/tmp/ptd-models"),
+            default_model=default_model,
+            batch_in_container=env.get("PTD_BATCH_IN_CONTAINER", "batch-in").strip() or "batch-in",
+            batch_out_container=env.get("PTD_BATCH_OUT_CONTAINER", "batch-out").strip()
+            or "batch-out",
+            max_batch_records=_int(env, "PTD_MAX_BATCH_RECORDS", 10_000),
+            max_invoices_per_customer=_int(env, "PTD_MAX_INVOICES_PER_CUSTOMER", 2_000),
+            max_body_bytes=_int(env, "PTD_MAX_BODY_BYTES", 50 * 1024 * 1024),
+            rate_limit_per_minute=_int(env, "PTD_RATE_LIMIT_PER_MINUTE", 0, minimum=0),
+            api_keys=_list(env, "PTD_API_KEYS"),
+            cors_origins=_list(env, "PTD_CORS_ORIGINS"),
+            log_level=env.get("PTD_LOG_LEVEL", "INFO").strip().upper() or "INFO",
+            appinsights_connection=env.get("APPLICATIONINSIGHTS_CONNECTION_STRING", ""),
+        )

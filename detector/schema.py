@@ -1,0 +1,285 @@
+"""The input contract: STEG invoice and client columns, and their row-level validation.
+
+`prepare_invoices` and `prepare_clients` turn a raw frame (from CSV, Parquet or JSON) into typed
+columns and a list of rejected rows with the reason, so that nothing valid is lost because of a
+bad row and nothing bad is dropped silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+CONSUMPTION_COLUMNS = (
+    "consommation_level_1",
+    "consommation_level_2",
+    "consommation_level_3",
+    "consommation_level_4",
+)
+# Columns the features read; each must be present in an invoice file.
+REQUIRED_INVOICE_COLUMNS = (
+    "client_id",
+    "invoice_date",
+    "tarif_type",
+    "counter_number",
+    "counter_statue",
+    "counter_code",
+    "reading_remarque",
+    *CONSUMPTION_COLUMNS,
+    "months_number",
+)
+# The rest of the STEG schema: accepted, type-checked when present, not needed by the features.
+OPTIONAL_INVOICE_COLUMNS = (
+    "counter_coefficient",
+    "old_index",
+    "new_index",
+    "counter_type",
+)
+INVOICE_COLUMNS = REQUIRED_INVOICE_COLUMNS + OPTIONAL_INVOICE_COLUMNS
+CLIENT_COLUMNS = ("client_id", "disrict", "client_catg", "region", "creation_date")
+
+# Larger than any real bill (the shared data peaks below 1e6 kWh per tier); above it is an
+# export error, not a customer.
+MAX_CONSUMPTION = 10_000_000
+MAX_CODE = 10**15
+COUNTER_TYPES = ("ELEC", "GAZ")
+
+INVOICE_SCHEMA: dict[str, dict[str, str]] = {
+    "client_id": {"type": "string", "meaning": "customer id (join key)"},
+    "invoice_date": {"type": "date", "meaning": "invoice date, yyyy-mm-dd"},
+    "tarif_type": {"type": "integer", "meaning": "tariff code"},
+    "counter_number": {"type": "integer", "meaning": "meter number"},
+    "counter_statue": {"type": "string", "meaning": "meter status code; 0 = working"},
+    "counter_code": {"type": "integer", "meaning": "meter model code"},
+    "reading_remarque": {"type": "integer", "meaning": "agent's note on the reading"},
+    "consommation_level_1": {"type": "number", "meaning": "consumption billed in tier 1"},
+    "consommation_level_2": {"type": "number", "meaning": "consumption billed in tier 2"},
+    "consommation_level_3": {"type": "number", "meaning": "consumption billed in tier 3"},
+    "consommation_level_4": {"type": "number", "meaning": "consumption billed in tier 4"},
+    "months_number": {"type": "integer", "meaning": "months covered by the invoice"},
+    "counter_coefficient": {"type": "integer", "meaning": "optional: meter coefficient"},
+    "old_index": {"type": "number", "meaning": "optional: index at the previous reading"},
+    "new_index": {"type": "number", "meaning": "optional: index at this reading"},
+    "counter_type": {"type": "string", "meaning": "optional: ELEC or GAZ"},
+}
+CLIENT_SCHEMA: dict[str, dict[str, str]] = {
+    "client_id": {"type": "string", "meaning": "customer id (join key)"},
+    "region": {"type": "integer", "meaning": "region code; imputed when missing"},
+    "creation_date": {
+        "type": "date",
+        "meaning": "date the customer joined, dd/mm/yyyy or yyyy-mm-dd; imputed when missing",
+    },
+    "disrict": {"type": "integer", "meaning": "optional: district code (source's spelling)"},
+    "client_catg": {"type": "integer", "meaning": "optional: client category"},
+}
+
+
+class InputError(ValueError):
+    """The input as a whole cannot be used (missing columns, unreadable file)."""
+
+
+@dataclass(frozen=True)
+class Rejects:
+    """Rows that were not used, with the reason for each (row = 0-based position in the input)."""
+
+    rows: np.ndarray  # int64 positions
+    client_ids: np.ndarray  # object; "" where the id itself was missing
+    reasons: np.ndarray  # object
+
+    @staticmethod
+    def empty() -> Rejects:
+        return Rejects(np.empty(0, np.int64), np.empty(0, object), np.empty(0, object))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame({"row": self.rows, "client_id": self.client_ids, "reason": self.reasons})
+
+    def counts(self) -> dict[str, int]:
+        """Rejected rows by reason (the reason's text up to the first colon)."""
+        keys = pd.Series(self.reasons, dtype=object).str.split(":", n=1).str[0]
+        return {str(k): int(v) for k, v in keys.value_counts().sort_index().items()}
+
+
+@dataclass(frozen=True)
+class PreparedInvoices:
+    """Valid invoice rows, typed: the frame `features.compute_features` expects."""
+
+    frame: pd.DataFrame
+    rejects: Rejects
+
+
+def _missing_columns(frame: pd.DataFrame, required: tuple[str, ...], what: str) -> None:
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise InputError(f"{what} is missing required column(s): {', '.join(missing)}")
+
+
+def _through_uniques(series: pd.Series, transform: Callable[[pd.Series], pd.Series]) -> pd.Series:
+    """Apply a string transform to the distinct values only; exports repeat values heavily."""
+    codes, uniques = pd.factorize(series, use_na_sentinel=True)
+    mapped = transform(pd.Series(uniques, dtype=object).astype("string"))
+    out = mapped.take(np.where(codes < 0, 0, codes)) if len(mapped) else pd.Series(
+        [pd.NA] * len(series), dtype="string"
+    )
+    out = out.reset_index(drop=True).astype("string")
+    out[codes < 0] = pd.NA
+    return out
+
+
+def _client_ids(series: pd.Series) -> tuple[pd.Series, np.ndarray]:
+    """Ids as stripped strings, and a mask of rows whose id is missing or blank."""
+    ids = _through_uniques(series, lambda u: u.str.strip())
+    bad = (ids.isna() | (ids == "")).to_numpy(dtype=bool)
+    return ids.fillna(""), bad
+
+
+def _numbers(series: pd.Series) -> np.ndarray:
+    """Float64 values; anything non-numeric becomes NaN (then rejected by the caller)."""
+    if pd.api.types.is_bool_dtype(series):
+        return np.full(len(series), np.nan)
+    if pd.api.types.is_numeric_dtype(series):
+        return series.to_numpy(dtype=np.float64, na_value=np.nan)
+    return pd.to_numeric(series.astype("string").str.strip(), errors="coerce").to_numpy(
+        dtype=np.float64, na_value=np.nan
+    )
+
+
+def parse_dates(series: pd.Series, day_first: bool = False) -> np.ndarray:
+    """Days since 1970-01-01 as float64 (NaN where unparseable). ISO dates always accepted."""
+    if pd.api.types.is_datetime64_any_dtype(series):
+        parsed = pd.to_datetime(series, errors="coerce")
+        days = parsed.to_numpy(dtype="datetime64[ns]").astype("datetime64[D]").astype(np.float64)
+        days[pd.isna(parsed).to_numpy()] = np.nan
+        return days
+    codes, uniques = pd.factorize(series, use_na_sentinel=True)
+    text = pd.Series(uniques, dtype=object).astype("string").str.strip()
+    parsed = pd.to_datetime(text, format="%Y-%m-%d", errors="coerce")
+    if day_first:
+        parsed = parsed.fillna(pd.to_datetime(text, format="%d/%m/%Y", errors="coerce"))
+    unique_days = parsed.to_numpy(dtype="datetime64[ns]").astype("datetime64[D]").astype(np.float64)
+    unique_days[pd.isna(parsed).to_numpy()] = np.nan
+    days = unique_days[np.where(codes < 0, 0, codes)] if len(uniques) else np.full(len(codes), np.nan)
+    days[codes < 0] = np.nan
+    return days
+
+
+def _status_text(uniques: pd.Series) -> pd.Series:
+    text = uniques.str.strip()
+    is_zero = (pd.to_numeric(text, errors="coerce") == 0).fillna(False).astype(bool)
+    return text.mask(is_zero, "0")
+
+
+def normalise_status(series: pd.Series) -> pd.Series:
+    """Meter status as text; numeric spellings of zero ("0", "0.0", 0) all become "0"."""
+    return _through_uniques(series, _status_text).fillna("")
+
+
+def prepare_invoices(raw: pd.DataFrame, row_offset: int = 0) -> PreparedInvoices:
+    """Validate and type invoice rows; returns the usable rows and the rejected ones.
+
+    `row_offset` is added to reported row numbers when the input arrives in chunks.
+    """
+    _missing_columns(raw, REQUIRED_INVOICE_COLUMNS, "invoice data")
+    n = len(raw)
+    reasons = np.full(n, "", dtype=object)
+
+    def reject(mask: np.ndarray, reason: str) -> None:
+        reasons[mask & (reasons == "")] = reason
+
+    client_id, bad_id = _client_ids(raw["client_id"])
+    reject(bad_id, "missing client_id")
+    invoice_day = parse_dates(raw["invoice_date"])
+    reject(np.isnan(invoice_day), "invalid invoice_date: expected yyyy-mm-dd")
+
+    columns: dict[str, np.ndarray] = {"invoice_day": invoice_day}
+    integer_like = ("tarif_type", "counter_number", "counter_code", "reading_remarque")
+    for name in (*integer_like, "months_number", *CONSUMPTION_COLUMNS):
+        values = _numbers(raw[name])
+        reject(~np.isfinite(values), f"invalid {name}: not a finite number")
+        columns[name] = values
+    for name in CONSUMPTION_COLUMNS:
+        values = columns[name]
+        reject(values < 0, f"invalid {name}: negative consumption")
+        reject(values > MAX_CONSUMPTION, f"invalid {name}: above {MAX_CONSUMPTION:,}")
+    reject(columns["months_number"] < 0, "invalid months_number: negative")
+    for name in integer_like:
+        reject(np.abs(columns[name]) > MAX_CODE, f"invalid {name}: absurd magnitude")
+    status = normalise_status(raw["counter_statue"])
+    reject((status == "").to_numpy(dtype=bool), "invalid counter_statue: missing")
+
+    for name in ("counter_coefficient", "old_index", "new_index"):
+        if name in raw.columns:
+            values = _numbers(raw[name])
+            reject(~np.isfinite(values), f"invalid {name}: not a finite number")
+    if "counter_type" in raw.columns:
+        kind = _through_uniques(raw["counter_type"], lambda u: u.str.strip().str.upper())
+        known = kind.isin(COUNTER_TYPES).fillna(False).to_numpy(dtype=bool)
+        reject(~known, "invalid counter_type: not ELEC/GAZ")
+
+    bad = reasons != ""
+    good = ~bad
+    frame = pd.DataFrame({name: values[good] for name, values in columns.items()})
+    frame.insert(0, "client_id", client_id[good].reset_index(drop=True))
+    frame["counter_statue"] = status[good].reset_index(drop=True)
+    rejects = Rejects(
+        rows=np.flatnonzero(bad).astype(np.int64) + row_offset,
+        client_ids=client_id[bad].to_numpy(dtype=object),
+        reasons=reasons[bad],
+    )
+    return PreparedInvoices(frame=frame, rejects=rejects)
+
+
+@dataclass(frozen=True)
+class PreparedClients:
+    """Client attributes by client_id: region code and creation day (NaN where missing)."""
+
+    frame: pd.DataFrame  # index client_id; columns region, creation_day
+    rejects: Rejects
+
+
+def prepare_clients(raw: pd.DataFrame | None) -> PreparedClients:
+    """Validate client attributes. A bad value is reported and treated as missing (imputed)."""
+    if raw is None or len(raw) == 0:
+        empty = pd.DataFrame(
+            {"region": pd.Series(dtype=float), "creation_day": pd.Series(dtype=float)},
+            index=pd.Index([], name="client_id", dtype="string"),
+        )
+        return PreparedClients(empty, Rejects.empty())
+    _missing_columns(raw, ("client_id",), "client data")
+    n = len(raw)
+    client_id, bad_id = _client_ids(raw["client_id"])
+    reasons = np.full(n, "", dtype=object)
+    reasons[bad_id] = "missing client_id"
+    region = _numbers(raw["region"]) if "region" in raw.columns else np.full(n, np.nan)
+    if "region" in raw.columns:
+        given = raw["region"].notna().to_numpy()
+        bad_region = given & ~np.isfinite(region)
+        bad_region |= np.isfinite(region) & ((region < 0) | (region > 1_000_000))
+        reasons[bad_region & (reasons == "")] = "invalid region: not a code; imputed"
+        region[bad_region] = np.nan
+    if "creation_date" in raw.columns:
+        creation = parse_dates(raw["creation_date"], day_first=True)
+        given = raw["creation_date"].notna().to_numpy()
+        bad_date = given & np.isnan(creation)
+        reasons[bad_date & (reasons == "")] = "invalid creation_date: expected dd/mm/yyyy; imputed"
+    else:
+        creation = np.full(n, np.nan)
+    duplicated = client_id.duplicated(keep="first").to_numpy() & ~bad_id
+    reasons[duplicated & (reasons == "")] = "duplicate client_id: first row used"
+    keep = ~bad_id & ~duplicated
+    frame = pd.DataFrame(
+        {"region": region[keep], "creation_day": creation[keep]},
+        index=pd.Index(client_id[keep], name="client_id"),
+    )
+    flagged = reasons != ""
+    rejects = Rejects(
+        np.flatnonzero(flagged).astype(np.int64),
+        client_id[flagged].to_numpy(dtype=object),
+        reasons[flagged],
+    )
+    return PreparedClients(frame, rejects)

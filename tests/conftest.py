@@ -1,0 +1,46 @@
+"""Shared fixtures: the shared data folder (skipped when absent) and tiny trained models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from detector.model import ArtifactSet
+from tests.synthetic import write_steg
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data" / "steg"
+BUNDLED = REPO / "models_artifacts"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "invoices_train.parquet").is_file():
+        pytest.skip("../shared/data/steg is not present (only the project repo was cloned)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_steg(tmp_path_factory.mktemp("steg"), n_clients=300, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_dir: Path) -> Path:
+    """A model trained on the synthetic fixture: small, fast, deterministic."""
+    from detector.training import train
+
+    out = tmp_path_factory.mktemp("artifacts")
+    train(synthetic_dir, out, cv_folds=3, n_jobs=1, forest_params={"n_estimators": 15})
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tiny_artifacts_dir: Path) -> ArtifactSet:
+    return ArtifactSet(tiny_artifacts_dir)
+
+
+@pytest.fixture(scope="session")
+def bundled() -> ArtifactSet:
+    return ArtifactSet(BUNDLED)
