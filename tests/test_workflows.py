@@ -240,3 +240,17 @@ def test_previous_version_is_read_from_ptd_versions(listing: str, expected: str)
         check=True,
     )
     assert out.stdout.strip() == expected
+
+
+def test_blob_function_matches_the_event_grid_webhook() -> None:
+    """The webhook names Host.Functions.score_batch_blob on connection STORAGE, batch-in."""
+    source_path = ROOT / "function_app.py"
+    if not source_path.exists():
+        pytest.skip("function_app.py not written yet")
+    source = source_path.read_text()
+    assert re.search(r"function_name\(\s*[\"']score_batch_blob[\"']\s*\)", source) or re.search(
+        r"def score_batch_blob\(", source
+    )
+    assert re.search(r"connection\s*=\s*[\"']STORAGE[\"']", source)
+    assert re.search(r"path\s*=\s*[\"']batch-in/", source)
+    assert "EVENT_GRID" in source
