@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,3 +46,18 @@ def tiny_artifacts(tiny_artifacts_dir: Path) -> ArtifactSet:
 @pytest.fixture(scope="session")
 def bundled() -> ArtifactSet:
     return ArtifactSet(BUNDLED)
+
+
+@pytest.fixture(scope="session")
+def azurite() -> Iterator[str]:
+    """Connection string of an Azurite blob emulator on a free port (one per xdist worker)."""
+    from tests.azurite import AzuriteUnavailable
+    from tests.azurite import azurite as start_azurite
+
+    try:
+        with start_azurite() as connection:
+            yield connection
+    except AzuriteUnavailable as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"Azurite is required in CI: {exc}")
+        pytest.skip(f"Azurite is not available: {exc}")
