@@ -1,0 +1,30 @@
+"""Azure Functions entry point: thin wiring over `detector`.
+
+One ASGI function serves the whole HTTP API under /api (function keys in Azure), and one
+Event Grid blob trigger scores billing exports dropped into `batch-in`. Everything else lives in
+the `detector` package.
+"""
+
+from __future__ import annotations
+
+import azure.functions as func
+import azurefunctions.extensions.bindings.blob as blob
+
+from detector.api import create_app
+from detector.blob_batch import process_blob
+from detector.config import Settings
+
+settings = Settings.from_env()
+app = func.AsgiFunctionApp(app=create_app(settings), http_auth_level=func.AuthLevel.FUNCTION)
+
+
+@app.function_name("score_batch_blob")
+@app.blob_trigger(
+    arg_name="client",
+    path="batch-in/{name}",
+    connection="STORAGE",
+    source=func.BlobSource.EVENT_GRID,
+)
+def score_batch_blob(client: blob.BlobClient) -> None:
+    """Score one billing export; results, summary and rejects go to `batch-out`."""
+    process_blob(client, settings)
