@@ -1,0 +1,1235 @@
+"""The HTTP API (FastAPI, ASGI): the same app under uvicorn locally and in Azure Functions.
+
+Routes live under /api, as the Functions host routes them. The request path is built for speed
+and for hostile input:
+
+* the body is read by us, with a size limit on Content-Length and on the streamed bytes, and
+  parsed by pydantic-core's JSON parser with NaN/Infinity rejected;
+* records are validated with pydantic in strict mode (unknown fields forbidden), in one call for
+  the whole batch; values of raw invoice rows are checked by `schema.prepare_invoices`, the same
+  rules batch files go through;
+* features of every raw-history record are computed in one `compute_features` call and every
+  record is scored in one `ArtifactSet.score` call; a bad record gets its own error entry.
+
+Every error is `{"error": {"code", "message", "location"}}`; nothing a caller sends produces a
+500 or a traceback. The model is loaded once per process (at startup or on first need); when it
+cannot be loaded, /api/health and the scoring routes answer 503 with the reason and the load is
+retried with a backoff.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import math
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NotRequired
+
+import numpy as np
+import pydantic_core
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import Response
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
+
+from detector.config import ConfigError, Settings
+from detector.features import FEATURE_NAMES, FEATURES, FeatureSpec
+from detector.model import ArtifactSet, ModelError
+from detector.reasons import top_reasons
+from detector.telemetry import (
+    METRICS,
+    REQUEST_LOGGER,
+    configure_logging,
+    correlation_from_headers,
+    correlation_id,
+    log_event,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+API_VERSION = "1.0.0"
+log = logging.getLogger("detector.api")
+request_log = logging.getLogger(REQUEST_LOGGER)
+
+# Per-request facts for the request log line (never customer data): set by the middleware,
+# filled in by the auth dependency and the routes.
+request_info: ContextVar[dict[str, Any] | None] = ContextVar("request_info", default=None)
+
+ROUTES = (
+    "/api/health",
+    "/api/model_info",
+    "/api/features",
+    "/api/predict",
+    "/api/predict_batch",
+    "/api/openapi.json",
+    "/api/docs",
+)
+OPEN_ROUTES = frozenset({"/api/health", "/api/openapi.json", "/api/docs"})
+# Above this many records a batch is validated and scored in a worker thread, off the event loop.
+THREAD_THRESHOLD = 64
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """A request the API refuses: HTTP status, a stable code, a message and where."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        location: str | None = None,
+        details: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.location = location
+        self.details = details
+        self.headers = headers
+
+
+def error_body(
+    code: str, message: str, location: str | None, details: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message, "location": location}
+    if details:
+        error["details"] = details
+    return {"error": error}
+
+
+def json_response(
+    content: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """JSON serialised by pydantic-core (fast; NaN would become null, never invalid JSON)."""
+    return Response(
+        pydantic_core.to_json(content),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def _error_response(exc: ApiError) -> Response:
+    info = request_info.get()
+    if info is not None:
+        info["error"] = exc.code
+    return json_response(
+        error_body(exc.code, exc.message, exc.location, exc.details), exc.status, exc.headers
+    )
+
+
+# --- request schema ----------------------------------------------------------------------------
+
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+INT64 = 2**63 - 1
+_SPECS = {spec.name: spec for spec in FEATURES}
+
+
+def _bounded(name: str) -> Any:
+    spec: FeatureSpec = _SPECS[name]
+    return Field(ge=spec.min, le=spec.max, description=f"{spec.description} [{spec.unit}]")
+
+
+Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"\S")]
+Code = Annotated[int, Field(ge=-INT64, le=INT64)]
+
+
+class FeatureValues(TypedDict):
+    """The 14 features; the two client attributes may be null or absent (then imputed)."""
+
+    __pydantic_config__ = STRICT  # type: ignore[misc]
+
+    n_invoices: Annotated[float, _bounded("n_invoices")]
+    history_years: Annotated[float, _bounded("history_years")]
+    n_meters: Annotated[float, _bounded("n_meters")]
+    abnormal_status_share: Annotated[float, _bounded("abnormal_status_share")]
+    mean_reading_remark: Annotated[float, _bounded("mean_reading_remark")]
+    mean_monthly_consumption: Annotated[float, _bounded("mean_monthly_consumption")]
+    max_monthly_consumption: Annotated[float, _bounded("max_monthly_consumption")]
+    consumption_trend: Annotated[float, _bounded("consumption_trend")]
+    zero_consumption_share: Annotated[float, _bounded("zero_consumption_share")]
+    high_tier_share: Annotated[float, _bounded("high_tier_share")]
+    mean_counter_code: Annotated[float, _bounded("mean_counter_code")]
+    mean_tariff_type: Annotated[float, _bounded("mean_tariff_type")]
+    region: NotRequired[Annotated[float | None, _bounded("region")]]
+    client_age_years: NotRequired[Annotated[float | None, _bounded("client_age_years")]]
+
+
+assert tuple(FeatureValues.__annotations__) == FEATURE_NAMES, "FeatureValues != FEATURE_NAMES"
+
+
+class Invoice(TypedDict):
+    """One invoice row in the STEG schema. Values are checked by `schema.prepare_invoices`."""
+
+    __pydantic_config__ = STRICT  # type: ignore[misc]
+
+    client_id: NotRequired[Annotated[str, Field(max_length=128)]]
+    invoice_date: Annotated[str, Field(max_length=32, description="yyyy-mm-dd")]
+    tarif_type: Code
+    counter_number: Code
+    counter_statue: Annotated[int | str, Field(description="meter status; 0 = working")]
+    counter_code: Code
+    reading_remarque: Code
+    consommation_level_1: float
+    consommation_level_2: float
+    consommation_level_3: float
+    consommation_level_4: float
+    months_number: Code
+    counter_coefficient: NotRequired[Code]
+    old_index: NotRequired[float]
+    new_index: NotRequired[float]
+    counter_type: NotRequired[Annotated[str, Field(max_length=16)]]
+
+
+class Client(TypedDict, total=False):
+    """Client attributes; missing ones are imputed with the training medians."""
+
+    __pydantic_config__ = STRICT  # type: ignore[misc]
+
+    client_id: Annotated[str, Field(max_length=128)]
+    region: Code | None
+    creation_date: Annotated[str | None, Field(max_length=32, description="dd/mm/yyyy")]
+    disrict: Code | None
+    client_catg: Code | None
+
+
+class FeaturesRecord(TypedDict):
+    __pydantic_config__ = STRICT  # type: ignore[misc]
+
+    customer_id: Id
+    features: FeatureValues
+
+
+class HistoryRecord(TypedDict):
+    __pydantic_config__ = STRICT  # type: ignore[misc]
+
+    customer_id: Id
+    invoices: Annotated[list[Invoice], Field(min_length=1)]
+    client: NotRequired[Client | None]
+
+
+PredictRequest = FeaturesRecord | HistoryRecord
+
+
+ModelParam = Annotated[
+    Literal["random_forest", "logistic_regression"] | None,
+    Query(description="the model to score with; default: the artifact set's default"),
+]
+
+
+class BatchRequest(TypedDict):
+    __pydantic_config__ = STRICT  # type: ignore[misc]
+
+    records: list[PredictRequest]
+
+
+class ReasonOut(TypedDict):
+    feature: str
+    value: float
+    typical: float
+    contribution: float
+    text: str
+
+
+class Prediction(TypedDict):
+    customer_id: str
+    theft_probability: float
+    flagged: bool
+    risk_level: Literal["low", "elevated", "high", "critical"]
+    threshold: float
+    reasons: list[ReasonOut]
+    model: str
+    model_version: str
+
+
+class ErrorDetail(TypedDict):
+    code: str
+    message: str
+    location: str | None
+
+
+class ErrorResponse(TypedDict):
+    error: ErrorDetail
+
+
+class BatchItem(TypedDict, total=False):
+    index: int
+    customer_id: str | None
+    theft_probability: float
+    flagged: bool
+    risk_level: str
+    threshold: float
+    reasons: list[ReasonOut]
+    model: str
+    model_version: str
+    error: ErrorDetail
+
+
+class BatchResponse(TypedDict):
+    results: list[BatchItem]
+    model: str
+    model_version: str
+    scored: int
+    failed: int
+
+
+_FEATURES_LIST = TypeAdapter(list[FeaturesRecord])
+_FEATURES_ONE = TypeAdapter(FeaturesRecord)
+_HISTORY_LIST = TypeAdapter(list[HistoryRecord])
+_HISTORY_ONE = TypeAdapter(HistoryRecord)
+_UNION_TAGS = frozenset({"int", "str", "float", "none", "bool"})
+
+
+def _location(parts: Iterable[Any]) -> str:
+    text = ""
+    for part in parts:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part in _UNION_TAGS:
+            continue  # pydantic names the member of `int | str` that failed; callers don't care
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+def _join(prefix: str, location: str) -> str:
+    if not prefix:
+        return location
+    if not location:
+        return prefix
+    return prefix + location if location.startswith("[") else f"{prefix}.{location}"
+
+
+@dataclass
+class RecordError:
+    code: str
+    message: str
+    location: str
+    details: list[dict[str, Any]] = field(default_factory=list)
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "code": self.code,
+            "message": self.message,
+            "location": self.location,
+        }
+        if len(self.details) > 1:
+            out["details"] = self.details
+        return out
+
+
+def _from_validation(exc: ValidationError, prefix: str) -> RecordError:
+    details = []
+    seen = set()
+    for err in exc.errors(include_url=False, include_input=False):
+        location = _join(prefix, _location(err["loc"]))
+        if location in seen:
+            continue
+        seen.add(location)
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = f"unknown field {str(err['loc'][-1])!r}"
+        elif err["type"] == "missing":
+            message = f"missing required field {str(err['loc'][-1])!r}"
+        details.append({"location": location, "message": message, "type": err["type"]})
+    first = details[0]
+    code = "unknown_field" if first["type"] == "extra_forbidden" else "invalid_value"
+    if first["type"] == "missing":
+        code = "missing_field"
+    return RecordError(code, first["message"], first["location"], details[:20])
+
+
+# --- the model, loaded once ----------------------------------------------------------------
+
+
+class ModelUnavailable(Exception):
+    def __init__(self, reason: str, retry_after: float) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class ModelHolder:
+    """Loads the artifact set once; on failure keeps the reason and retries with a backoff."""
+
+    def __init__(
+        self,
+        loader: Callable[[], ArtifactSet],
+        backoff: tuple[float, float] = (2.0, 60.0),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._loader = loader
+        self._backoff = backoff
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.artifacts: ArtifactSet | None = None
+        self.reason = "model not loaded yet"
+        self.attempts = 0
+        self.load_seconds: float | None = None
+        self._delay = backoff[0]
+        self._next_attempt = 0.0
+
+    def _raise_unavailable(self) -> None:
+        wait = max(0.0, self._next_attempt - self._clock())
+        raise ModelUnavailable(self.reason, wait)
+
+    def load(self) -> ArtifactSet:
+        """The artifacts, loading them if due; raises ModelUnavailable with the reason."""
+        if self.artifacts is not None:
+            return self.artifacts
+        with self._lock:
+            if self.artifacts is not None:
+                return self.artifacts
+            if self.attempts and self._clock() < self._next_attempt:
+                self._raise_unavailable()
+            self.attempts += 1
+            started = time.perf_counter()
+            try:
+                artifacts = self._loader()
+            except Exception as exc:  # ModelError, storage and config errors alike
+                self.reason = (
+                    str(exc) if isinstance(exc, ModelError) else (f"{type(exc).__name__}: {exc}")
+                )
+                self._next_attempt = self._clock() + self._delay
+                self._delay = min(self._delay * 2, self._backoff[1])
+                METRICS.inc("model_load_failures_total")
+                log.error("model load failed (attempt %d): %s", self.attempts, self.reason)
+                self._raise_unavailable()
+            self.load_seconds = time.perf_counter() - started
+            self.artifacts = artifacts
+            self.reason = ""
+            METRICS.observe("model_load_seconds", self.load_seconds, buckets=(0.1, 1, 5, 30))
+            log.info(
+                "model %s loaded in %.2f s (models: %s)",
+                artifacts.version,
+                self.load_seconds,
+                ", ".join(artifacts.model_names),
+            )
+            return artifacts
+
+    async def get(self) -> ArtifactSet:
+        if self.artifacts is not None:
+            return self.artifacts
+        import anyio.to_thread
+
+        return await anyio.to_thread.run_sync(self.load)
+
+
+def default_loader(settings: Settings) -> Callable[[], ArtifactSet]:
+    """`detector.store.load_artifacts` (local folder or blob pull + verify), imported lazily."""
+
+    def load() -> ArtifactSet:
+        try:
+            from detector.store import load_artifacts
+        except ImportError as exc:
+            if settings.model_source != "local":
+                raise ModelError(f"blob model source needs detector.store: {exc}") from None
+            return ArtifactSet(settings.model_dir)
+        return load_artifacts(settings)
+
+    return load
+
+
+# --- scoring pipeline --------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """Per record: a prediction dict or a RecordError, in request order."""
+
+    items: list[dict[str, Any] | RecordError]
+    model: str
+    model_version: str
+    scored: int = 0
+    flagged: int = 0
+
+
+def _classify(obj: Any, prefix: str, max_invoices: int) -> str | RecordError:
+    if not isinstance(obj, dict):
+        return RecordError("invalid_type", "a record must be a JSON object", prefix or "body")
+    has_features, has_invoices = "features" in obj, "invoices" in obj
+    if has_features and has_invoices:
+        return RecordError(
+            "invalid_value", "give either features or invoices, not both", _join(prefix, "features")
+        )
+    if has_features:
+        return "features"
+    if has_invoices:
+        invoices = obj["invoices"]
+        if isinstance(invoices, list):
+            if not invoices:
+                return RecordError(
+                    "empty_history",
+                    "invoices must hold at least one row",
+                    _join(prefix, "invoices"),
+                )
+            if len(invoices) > max_invoices:
+                return RecordError(
+                    "too_many_invoices",
+                    f"{len(invoices)} invoices for one customer; the limit is {max_invoices}",
+                    _join(prefix, "invoices"),
+                )
+        return "history"
+    return RecordError(
+        "missing_field", "a record needs 'features' or 'invoices'", _join(prefix, "features")
+    )
+
+
+def _validate(
+    indexes: list[int],
+    objs: list[Any],
+    many: TypeAdapter[Any],
+    one: TypeAdapter[Any],
+    prefix_of: Callable[[int], str],
+    errors: dict[int, RecordError],
+) -> list[tuple[int, Any]]:
+    """Validate a group in one call; only when it fails, record by record to place the errors."""
+    if not indexes:
+        return []
+    group = [objs[i] for i in indexes]
+    try:
+        return list(zip(indexes, many.validate_python(group), strict=True))
+    except ValidationError:
+        pass
+    valid = []
+    for i in indexes:
+        try:
+            valid.append((i, one.validate_python(objs[i])))
+        except ValidationError as exc:
+            errors[i] = _from_validation(exc, prefix_of(i))
+    return valid
+
+
+def _history_features(
+    records: list[tuple[int, Any]],
+    prefix_of: Callable[[int], str],
+    errors: dict[int, RecordError],
+) -> dict[int, np.ndarray]:
+    """Features of every raw-history record: one prepare/compute_features pass for them all."""
+    import pandas as pd
+
+    from detector.features import compute_features
+    from detector.schema import (
+        OPTIONAL_INVOICE_COLUMNS,
+        REQUIRED_INVOICE_COLUMNS,
+        prepare_clients,
+        prepare_invoices,
+    )
+
+    rows: list[dict[str, Any]] = []
+    row_origin: list[tuple[int, int]] = []
+    clients: list[dict[str, Any]] = []
+    for index, record in records:
+        key = str(index)
+        customer = record["customer_id"]
+        for j, invoice in enumerate(record["invoices"]):
+            given = invoice.get("client_id")
+            if given is not None and given.strip() != customer.strip():
+                errors.setdefault(
+                    index,
+                    RecordError(
+                        "invalid_value",
+                        "client_id of an invoice differs from the record's customer_id",
+                        _join(prefix_of(index), f"invoices[{j}].client_id"),
+                    ),
+                )
+            row = dict(invoice)
+            row["client_id"] = key
+            rows.append(row)
+            row_origin.append((index, j))
+        client = record.get("client")
+        if client:
+            given = client.get("client_id")
+            if given is not None and given.strip() != customer.strip():
+                errors.setdefault(
+                    index,
+                    RecordError(
+                        "invalid_value",
+                        "client.client_id differs from the record's customer_id",
+                        _join(prefix_of(index), "client.client_id"),
+                    ),
+                )
+            clients.append({**client, "client_id": key, "_index": index})
+    # Optional columns are checked whenever present in a frame, so rows are prepared in groups
+    # that carry the same optional columns (a record without counter_type is not rejected
+    # because another record in the batch has it).
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for k, row in enumerate(rows):
+        groups.setdefault(tuple(c for c in OPTIONAL_INVOICE_COLUMNS if c in row), []).append(k)
+    frames = []
+    for optional, members in groups.items():
+        columns = [*REQUIRED_INVOICE_COLUMNS, *optional]
+        frame = pd.DataFrame.from_records([rows[k] for k in members], columns=columns)
+        prepared = prepare_invoices(frame)
+        frames.append(prepared.frame)
+        for row, reason in zip(prepared.rejects.rows, prepared.rejects.reasons, strict=True):
+            index, j = row_origin[members[int(row)]]
+            if index in errors:
+                continue
+            text = str(reason)
+            column = text.split(":", 1)[0].removeprefix("invalid ").removeprefix("missing ")
+            errors[index] = RecordError(
+                "invalid_value",
+                f"invoice rejected: {text}",
+                _join(prefix_of(index), f"invoices[{j}].{column}"),
+            )
+    client_frame = None
+    if clients:
+        client_frame = pd.DataFrame.from_records(clients)
+    prepared_clients = prepare_clients(
+        client_frame.drop(columns="_index") if client_frame is not None else None
+    )
+    if client_frame is not None:
+        origin = client_frame["_index"].to_numpy()
+        for row, reason in zip(
+            prepared_clients.rejects.rows, prepared_clients.rejects.reasons, strict=True
+        ):
+            index = int(origin[int(row)])
+            if index in errors:
+                continue
+            reason = str(reason).removesuffix("; imputed")
+            column = reason.split(":", 1)[0].removeprefix("invalid ")
+            errors[index] = RecordError(
+                "invalid_value",
+                f"client rejected: {reason}",
+                _join(prefix_of(index), f"client.{column}"),
+            )
+    bad_keys = [str(i) for i, _ in records if i in errors]
+    invoices = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    if bad_keys:
+        invoices = invoices[~invoices["client_id"].isin(bad_keys)].reset_index(drop=True)
+    if not len(invoices):
+        return {}
+    features: pd.DataFrame = compute_features(invoices, prepared_clients)
+    matrix = features.to_numpy(dtype=np.float64)
+    return {int(key): matrix[k] for k, key in enumerate(features.index)}
+
+
+def _reasons(values: np.ndarray, contributions: np.ndarray, typical: np.ndarray) -> list[Any]:
+    return [r.to_dict() for r in top_reasons(values, contributions, typical)]
+
+
+def score_records(
+    objs: list[Any],
+    artifacts: ArtifactSet,
+    model: str,
+    settings: Settings,
+    prefix_of: Callable[[int], str],
+) -> Outcome:
+    """Validate, compute features and score every record; errors stay with their record."""
+    errors: dict[int, RecordError] = {}
+    feature_idx: list[int] = []
+    history_idx: list[int] = []
+    for i, obj in enumerate(objs):
+        kind = _classify(obj, prefix_of(i), settings.max_invoices_per_customer)
+        if isinstance(kind, RecordError):
+            errors[i] = kind
+        elif kind == "features":
+            feature_idx.append(i)
+        else:
+            history_idx.append(i)
+    features_valid = _validate(feature_idx, objs, _FEATURES_LIST, _FEATURES_ONE, prefix_of, errors)
+    history_valid = _validate(history_idx, objs, _HISTORY_LIST, _HISTORY_ONE, prefix_of, errors)
+
+    rows: list[int] = []
+    blocks: list[np.ndarray] = []
+    if features_valid:
+        nan = math.nan
+        values = [
+            [r["features"].get(name, nan) for name in FEATURE_NAMES] for _, r in features_valid
+        ]
+        matrix = np.array(values, dtype=np.float64)  # null (None) becomes NaN: imputed
+        blocks.append(matrix)
+        rows.extend(i for i, _ in features_valid)
+    if history_valid:
+        computed = _history_features(history_valid, prefix_of, errors)
+        history_rows = [i for i, _ in history_valid if i not in errors and i in computed]
+        if history_rows:
+            blocks.append(np.vstack([computed[i] for i in history_rows]))
+            rows.extend(history_rows)
+
+    items: list[dict[str, Any] | RecordError] = [errors.get(i) or {} for i in range(len(objs))]
+    outcome = Outcome(items, model, artifacts.version)
+    if not rows:
+        return outcome
+    matrix = np.vstack(blocks) if len(blocks) > 1 else blocks[0]
+    started = time.perf_counter()
+    scores = artifacts.score(matrix, model)
+    METRICS.observe("model_latency_ms", (time.perf_counter() - started) * 1000, {"model": model})
+    threshold = artifacts.cards[model].threshold
+    probability = scores.probability.tolist()
+    flagged = scores.flagged.tolist()
+    risk = scores.risk_level.tolist()
+    contributions = scores.contributions
+    assert contributions is not None
+    typical = artifacts.typical
+    for k, i in enumerate(rows):
+        items[i] = {
+            "customer_id": objs[i]["customer_id"],
+            "theft_probability": probability[k],
+            "flagged": flagged[k],
+            "risk_level": risk[k],
+            "threshold": threshold,
+            "reasons": _reasons(scores.features[k], contributions[k], typical),
+            "model": model,
+            "model_version": artifacts.version,
+        }
+    outcome.scored = len(rows)
+    outcome.flagged = int(np.count_nonzero(scores.flagged))
+    labels = {"model": model, "model_version": artifacts.version}
+    METRICS.inc("predictions_total", outcome.scored, labels)
+    METRICS.inc("predictions_flagged_total", outcome.flagged, labels)
+    return outcome
+
+
+# --- request plumbing --------------------------------------------------------------------------
+
+
+def _is_json(content_type: str | None) -> bool:
+    if not content_type:
+        return False
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The body as JSON: 415 unless JSON, 413 over `limit` bytes, 400 when malformed."""
+    if not _is_json(request.headers.get("content-type")):
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "send the body as application/json",
+            "header.content-type",
+        )
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError:
+            raise ApiError(
+                400, "invalid_header", "Content-Length is not a number", "header.content-length"
+            ) from None
+        if length > limit:
+            raise ApiError(
+                413,
+                "body_too_large",
+                f"body of {length} bytes exceeds the limit of {limit} bytes",
+                "body",
+            )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(
+                413, "body_too_large", f"body exceeds the limit of {limit} bytes", "body"
+            )
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body.strip():
+        raise ApiError(400, "invalid_json", "the body is empty; send a JSON object", "body")
+    try:
+        return pydantic_core.from_json(body, allow_inf_nan=False)
+    except ValueError as exc:
+        raise ApiError(400, "invalid_json", f"malformed JSON: {exc}", "body") from None
+
+
+def _parse_keys(entries: tuple[str, ...]) -> list[tuple[str, bytes]]:
+    keys = []
+    for n, entry in enumerate(entries):
+        name, sep, key = entry.partition(":")
+        if not sep or not name.strip() or len(key.strip()) < 16:
+            raise ConfigError(
+                f"setting PTD_API_KEYS entry {n + 1} must be 'name:key' with a key of at least "
+                "16 characters"
+            )
+        keys.append((name.strip(), key.strip().encode()))
+    return keys
+
+
+class RequestContextMiddleware:
+    """Outermost: correlation id, one log line per request, security headers, no 500 leaks."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        traceparent = headers.get("traceparent")
+        trace_context = scope.get("azure_functions.trace_context")
+        if not traceparent and trace_context is not None:
+            traceparent = getattr(trace_context, "trace_parent", None)
+        cid = correlation_from_headers(headers.get("x-correlation-id"), traceparent)
+        path: str = scope.get("path", "")
+        info: dict[str, Any] = {"caller": None}
+        cid_token = correlation_id.set(cid)
+        info_token = request_info.set(info)
+        state = {"status": 500, "started": False}
+        is_docs = path == "/api/docs"
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                state["started"] = True
+                state["status"] = message["status"]
+                out = MutableHeaders(scope=message)
+                out["x-correlation-id"] = cid
+                out.setdefault("x-content-type-options", "nosniff")
+                out.setdefault("cache-control", "no-store")
+                out.setdefault("x-frame-options", "DENY")
+                out.setdefault("referrer-policy", "no-referrer")
+                if not is_docs:
+                    out.setdefault(
+                        "content-security-policy", "default-src 'none'; frame-ancestors 'none'"
+                    )
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception as exc:
+            info["error"] = "internal_error"
+            log.error(
+                "unhandled %s on %s %s", type(exc).__name__, scope.get("method"), path, exc_info=exc
+            )
+            if not state["started"]:
+                response = json_response(
+                    error_body(
+                        "internal_error",
+                        f"unexpected error; quote correlation id {cid} when reporting it",
+                        None,
+                    ),
+                    500,
+                )
+                await response(scope, receive, send_with_headers)
+        finally:
+            duration_ms = (time.perf_counter() - started) * 1000
+            status = int(state["status"])
+            route = path if path in ROUTES else "other"
+            fields: dict[str, Any] = {
+                "event": "request",
+                "method": scope.get("method"),
+                "path": route,
+                "status": status,
+                "duration_ms": round(duration_ms, 3),
+                "correlation_id": cid,
+                **info,
+            }
+            log_event(request_log, logging.WARNING if status >= 500 else logging.INFO, fields)
+            labels = {"path": route, "status": str(status)}
+            METRICS.inc("http_requests_total", 1, labels)
+            METRICS.observe("http_request_duration_ms", duration_ms, {"path": route})
+            request_info.reset(info_token)
+            correlation_id.reset(cid_token)
+
+
+# --- the app -----------------------------------------------------------------------------------
+
+
+def create_app(
+    settings: Settings | None = None,
+    artifacts_loader: Callable[[], ArtifactSet] | None = None,
+    *,
+    retry_backoff: tuple[float, float] = (2.0, 60.0),
+) -> FastAPI:
+    """The HTTP app. `artifacts_loader` replaces `detector.store.load_artifacts` (tests)."""
+    settings = settings or Settings.from_env()
+    configure_logging(settings)
+    keys = _parse_keys(settings.api_keys)
+    holder = ModelHolder(artifacts_loader or default_loader(settings), retry_backoff)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        with contextlib.suppress(ModelUnavailable):
+            await holder.get()  # cold start: load now; a failure is kept and retried later
+        yield
+
+    app = FastAPI(
+        title="Power theft detection API",
+        version=API_VERSION,
+        description=(
+            "Scores electricity customers for theft from their billing history. "
+            'Errors are `{"error": {"code", "message", "location"}}`.'
+        ),
+        docs_url="/api/docs",
+        redoc_url=None,
+        openapi_url="/api/openapi.json",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.model_holder = holder
+
+    async def require_key(request: Request) -> None:
+        info = request_info.get()
+        if not keys:
+            return
+        supplied = request.headers.get("x-api-key") or request.headers.get("x-functions-key")
+        if not supplied:
+            raise ApiError(
+                401, "unauthorized", "missing API key: send it in x-api-key", "header.x-api-key"
+            )
+        supplied_bytes = supplied.encode("utf-8", "surrogateescape")
+        caller = None
+        for name, key in keys:
+            if hmac.compare_digest(supplied_bytes, key):
+                caller = name
+        if caller is None:
+            raise ApiError(401, "unauthorized", "invalid API key", "header.x-api-key")
+        if info is not None:
+            info["caller"] = caller
+
+    async def artifacts_or_503() -> ArtifactSet:
+        try:
+            return await holder.get()
+        except ModelUnavailable as exc:
+            raise ApiError(
+                503,
+                "model_unavailable",
+                f"model not available: {exc.reason}",
+                None,
+                headers={"retry-after": str(max(1, math.ceil(exc.retry_after)))},
+            ) from None
+
+    def chosen_model(artifacts: ArtifactSet, name: str | None) -> str:
+        chosen = name or artifacts.default_model
+        if chosen not in artifacts.models:
+            raise ApiError(
+                422,
+                "unknown_model",
+                f"model {chosen!r} is not in this artifact set; available: "
+                f"{', '.join(artifacts.model_names)}",
+                "query.model",
+            )
+        return chosen
+
+    protected = [Depends(require_key)]
+
+    @app.get("/api/health", tags=["service"])
+    async def health() -> Response:
+        try:
+            artifacts = await holder.get()
+        except ModelUnavailable as exc:
+            info = request_info.get()
+            if info is not None:
+                info["error"] = "model_unavailable"
+            return json_response(
+                {
+                    "status": "unhealthy",
+                    "reason": exc.reason,
+                    "error": error_body("model_unavailable", exc.reason, None)["error"],
+                },
+                503,
+                {"retry-after": str(max(1, math.ceil(exc.retry_after)))},
+            )
+        return json_response(
+            {
+                "status": "ok",
+                "model_version": artifacts.version,
+                "models": list(artifacts.model_names),
+                "default_model": artifacts.default_model,
+            }
+        )
+
+    @app.get("/api/model_info", tags=["model"], dependencies=protected)
+    async def model_info() -> Response:
+        artifacts = await artifacts_or_503()
+        manifest = artifacts.manifest
+        results = artifacts.training_results
+        models = {}
+        for name, card in artifacts.cards.items():
+            entry = dict(results.get("models", {}).get(name, {}))
+            models[name] = {
+                "kind": card.kind,
+                "threshold": card.threshold,
+                "threshold_method": card.threshold_method,
+                "risk_cutoffs": dict(
+                    zip(("elevated", "high", "critical"), card.risk_cutoffs, strict=True)
+                ),
+                "params": entry.get("params"),
+                "metrics": {
+                    "holdout": entry.get("holdout"),
+                    "cross_validation": entry.get("cross_validation"),
+                },
+            }
+        return json_response(
+            {
+                "model_version": artifacts.version,
+                "trained_at": results.get("trained_at") or manifest.get("created_at"),
+                "default_model": artifacts.default_model,
+                "available_models": list(artifacts.model_names),
+                "models": models,
+                "libraries": manifest.get("libraries", {}),
+                "training_data": results.get("data"),
+                "split": results.get("split"),
+                "feature_names": list(FEATURE_NAMES),
+            }
+        )
+
+    @app.get("/api/features", tags=["model"], dependencies=protected)
+    async def features() -> Response:
+        from detector.schema import CLIENT_SCHEMA, INVOICE_SCHEMA, REQUIRED_INVOICE_COLUMNS
+
+        return json_response(
+            {
+                "features": [
+                    {
+                        "name": s.name,
+                        "description": s.description,
+                        "unit": s.unit,
+                        "min": s.min,
+                        "max": s.max,
+                        "source": s.source,
+                        "required": s.source == "invoices",
+                    }
+                    for s in FEATURES
+                ],
+                "invoice_schema": {
+                    name: {**spec, "required": name in REQUIRED_INVOICE_COLUMNS}
+                    for name, spec in INVOICE_SCHEMA.items()
+                },
+                "client_schema": CLIENT_SCHEMA,
+                "limits": {
+                    "max_batch_records": settings.max_batch_records,
+                    "max_invoices_per_customer": settings.max_invoices_per_customer,
+                    "max_body_bytes": settings.max_body_bytes,
+                },
+            }
+        )
+
+    def _body_schema(name: str) -> dict[str, Any]:
+        return {
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}
+                },
+            },
+            "responses": {
+                "400": _error_ref("malformed JSON"),
+                "401": _error_ref("missing or invalid API key"),
+                "413": _error_ref("body, batch or history over its limit"),
+                "415": _error_ref("the body is not application/json"),
+                "422": _error_ref("invalid input; location names the field"),
+                "503": _error_ref("the model is not available"),
+            },
+        }
+
+    @app.post(
+        "/api/predict",
+        tags=["scoring"],
+        dependencies=protected,
+        openapi_extra=_body_schema("PredictRequest"),
+        responses={200: {"content": {"application/json": {"schema": _ref("Prediction")}}}},
+    )
+    async def predict(request: Request, model: ModelParam = None) -> Response:
+        artifacts = await artifacts_or_503()
+        name = chosen_model(artifacts, model)
+        body = await read_json(request, settings.max_body_bytes)
+        outcome = score_records([body], artifacts, name, settings, lambda i: "")
+        info = request_info.get()
+        if info is not None:
+            info.update(customers=1, model=name, model_version=artifacts.version)
+        item = outcome.items[0]
+        if isinstance(item, RecordError):
+            status = 413 if item.code == "too_many_invoices" else 422
+            if item.code == "invalid_type":
+                item.location = "body"
+            raise ApiError(
+                status,
+                item.code,
+                item.message,
+                item.location,
+                item.details if len(item.details) > 1 else None,
+            )
+        return json_response(item)
+
+    @app.post(
+        "/api/predict_batch",
+        tags=["scoring"],
+        dependencies=protected,
+        openapi_extra=_body_schema("BatchRequest"),
+        responses={200: {"content": {"application/json": {"schema": _ref("BatchResponse")}}}},
+    )
+    async def predict_batch(request: Request, model: ModelParam = None) -> Response:
+        artifacts = await artifacts_or_503()
+        name = chosen_model(artifacts, model)
+        body = await read_json(request, settings.max_body_bytes)
+        if not isinstance(body, dict):
+            raise ApiError(422, "invalid_type", 'the body must be {"records": [...]}', "body")
+        unknown = sorted(set(body) - {"records"})
+        if unknown:
+            raise ApiError(422, "unknown_field", f"unknown field {unknown[0]!r}", unknown[0])
+        records = body.get("records")
+        if not isinstance(records, list):
+            raise ApiError(
+                422,
+                "missing_field" if records is None else "invalid_type",
+                "records must be a list of predict bodies",
+                "records",
+            )
+        if len(records) > settings.max_batch_records:
+            raise ApiError(
+                413,
+                "batch_too_large",
+                f"{len(records)} records; the limit is {settings.max_batch_records}",
+                "records",
+            )
+        info = request_info.get()
+        if info is not None:
+            info.update(customers=len(records), model=name, model_version=artifacts.version)
+
+        def run() -> bytes:
+            outcome = score_records(records, artifacts, name, settings, lambda i: f"records[{i}]")
+            results: list[dict[str, Any]] = []
+            for i, item in enumerate(outcome.items):
+                if isinstance(item, RecordError):
+                    raw = records[i]
+                    cid = raw.get("customer_id") if isinstance(raw, dict) else None
+                    results.append(
+                        {
+                            "index": i,
+                            "customer_id": cid if isinstance(cid, str) else None,
+                            "error": item.body(),
+                        }
+                    )
+                else:
+                    results.append({"index": i, **item})
+            failed = len(records) - outcome.scored
+            METRICS.inc("batch_records_rejected_total", failed, {"source": "api"})
+            if info is not None:
+                info.update(failed=failed)
+            return pydantic_core.to_json(
+                {
+                    "results": results,
+                    "model": name,
+                    "model_version": artifacts.version,
+                    "scored": outcome.scored,
+                    "failed": failed,
+                }
+            )
+
+        if len(records) > THREAD_THRESHOLD:
+            import anyio.to_thread
+
+            content = await anyio.to_thread.run_sync(run)
+        else:
+            content = run()
+        return Response(content, media_type="application/json")
+
+    async def api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        return _error_response(exc)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error_response(
+            ApiError(
+                exc.status_code,
+                code,
+                str(exc.detail),
+                "path",
+                headers=dict(exc.headers) if exc.headers else None,
+            )
+        )
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        errors = list(exc.errors())
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        location = _location(first.get("loc", ()))
+        return _error_response(ApiError(422, "invalid_value", str(first.get("msg")), location))
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=[
+                "content-type",
+                "x-api-key",
+                "x-functions-key",
+                "x-correlation-id",
+                "traceparent",
+            ],
+            expose_headers=["x-correlation-id"],
+            max_age=600,
+        )
+    app.add_middleware(RequestContextMiddleware)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name, adapter in _SCHEMA_TYPES.items():
+            generated = TypeAdapter(adapter).json_schema(
+                ref_template="#/components/schemas/{model}"
+            )
+            components.update(generated.pop("$defs", {}))
+            components[name] = generated
+        components["BatchRequest"]["properties"]["records"]["maxItems"] = settings.max_batch_records
+        if keys:
+            schema["components"]["securitySchemes"] = {
+                "ApiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}
+            }
+            for path, item in schema["paths"].items():
+                if path not in OPEN_ROUTES:
+                    for operation in item.values():
+                        operation["security"] = [{"ApiKey": []}]
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+_SCHEMA_TYPES: dict[str, Any] = {
+    "PredictRequest": PredictRequest,
+    "BatchRequest": BatchRequest,
+    "Prediction": Prediction,
+    "BatchResponse": BatchResponse,
+    "ErrorResponse": ErrorResponse,
+}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _error_ref(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": _ref("ErrorResponse")}},
+    }
+
+
+__all__ = ["ApiError", "ModelHolder", "create_app", "score_records"]
