@@ -7,8 +7,12 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from detector.config import BUNDLED_MODEL_DIR, MODEL_NAMES, ConfigError
+
+if TYPE_CHECKING:
+    from detector.store import ModelStore
 
 
 class CommandError(Exception):
@@ -18,43 +22,86 @@ class CommandError(Exception):
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    uvicorn.run("detector.api:create_app", factory=True, host=args.host, port=args.port,
-                log_level="warning")
+    uvicorn.run(
+        "detector.api:create_app", factory=True, host=args.host, port=args.port, log_level="warning"
+    )
     return 0
 
 
 def _score(args: argparse.Namespace) -> int:
-    from detector.batch import score_frames
+    """The same streaming path as the blob trigger: any file size in bounded memory."""
+    from detector.batch import score_file
     from detector.model import ArtifactSet
-    from detector.schema import CLIENT_COLUMNS, INVOICE_COLUMNS
-    from detector.features import FEATURE_NAMES
-    from detector.tables import read_table
 
     artifacts = ArtifactSet(Path(args.model_dir))
-    wanted = tuple(dict.fromkeys((*INVOICE_COLUMNS, *CLIENT_COLUMNS, *FEATURE_NAMES)))
-    table = read_table(Path(args.invoices), wanted)
-    clients = read_table(Path(args.clients), CLIENT_COLUMNS) if args.clients else None
-    result = score_frames(table, artifacts, clients=clients, model=args.model)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result.results.to_csv(out, index=False)
+    result = score_file(
+        Path(args.invoices),
+        artifacts,
+        Path(args.out),
+        clients_path=Path(args.clients) if args.clients else None,
+        model=args.model,
+    )
     summary = result.summary
     print(
         f"scored {summary['clients_scored']} clients with {summary['model']} "
         f"{summary['model_version']}: {summary['clients_flagged']} flagged "
-        f"({summary['flagged_rate']:.1%}); results in {out}",
+        f"({summary['flagged_rate']:.1%}) in {summary['seconds']['total']:.1f} s; "
+        f"results in {result.results_path}",
         file=sys.stderr,
     )
-    if len(result.rejects):
-        rejects_path = out.with_name(out.stem + ".rejects.csv")
-        result.rejects.to_csv(rejects_path, index=False)
+    if result.rejects_path is not None:
         reasons = ", ".join(f"{k}: {v}" for k, v in summary["rows_rejected_by_reason"].items())
         print(
             f"rejected {summary['rows_rejected']} rows ({reasons}); "
             f"{summary['clients_rejected']} clients not scored; each row with its reason "
-            f"in {rejects_path}",
+            f"in {result.rejects_path}",
             file=sys.stderr,
         )
+    return 0
+
+
+def _model_store(args: argparse.Namespace) -> ModelStore:
+    from detector.config import Settings
+    from detector.store import ModelStore
+
+    return ModelStore.from_settings(Settings.from_env())
+
+
+def _publish(args: argparse.Namespace) -> int:
+    store = _model_store(args)
+    version = store.publish(Path(args.artifacts), version=args.version, activate=args.activate)
+    state = "published and activated" if args.activate else "published (not active)"
+    print(f"model version {version} {state} in {store.where}", file=sys.stderr)
+    print(version)
+    return 0
+
+
+def _activate(args: argparse.Namespace) -> int:
+    store = _model_store(args)
+    pointer = store.activate(args.version)
+    print(
+        f"model version {pointer['version']} is now active (previous: "
+        f"{pointer['previous'] or 'none'}); running instances pick it up when they restart",
+        file=sys.stderr,
+    )
+    print(pointer["version"])
+    return 0
+
+
+def _versions(args: argparse.Namespace) -> int:
+    import json
+
+    store = _model_store(args)
+    versions = store.versions()
+    pointer = store.current()
+    current = pointer["version"] if pointer else None
+    if args.json:
+        print(json.dumps({"versions": versions, "current": current, "pointer": pointer}))
+        return 0
+    if not versions:
+        print(f"no model version published in {store.where}", file=sys.stderr)
+    for version in versions:
+        print(f"* {version}  (current)" if version == current else f"  {version}")
     return 0
 
 
@@ -71,8 +118,11 @@ def _train(args: argparse.Namespace) -> int:
             f"CV ROC-AUC {cv['roc_auc_mean']:.4f} ± {cv['roc_auc_std']:.4f}",
             file=sys.stderr,
         )
-    print(f"model version {results['model_version']} written to {args.out} "
-          f"in {results['total_seconds']:.0f} s", file=sys.stderr)
+    print(
+        f"model version {results['model_version']} written to {args.out} "
+        f"in {results['total_seconds']:.0f} s",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -92,6 +142,20 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--model", choices=MODEL_NAMES, default=None)
     score.add_argument("--model-dir", default=str(BUNDLED_MODEL_DIR), help=argparse.SUPPRESS)
     score.set_defaults(handler=_score)
+
+    publish = sub.add_parser("publish", help="upload model artifacts to blob storage as a version")
+    publish.add_argument("--artifacts", default=str(BUNDLED_MODEL_DIR), help="artifact folder")
+    publish.add_argument("--version", default=None, help="version name (default: the manifest's)")
+    publish.add_argument("--activate", action="store_true", help="make it the served version")
+    publish.set_defaults(handler=_publish)
+
+    activate = sub.add_parser("activate", help="serve a published version (rollback: the previous)")
+    activate.add_argument("version")
+    activate.set_defaults(handler=_activate)
+
+    versions = sub.add_parser("versions", help="list published versions; * marks the current one")
+    versions.add_argument("--json", action="store_true", help="print JSON")
+    versions.set_defaults(handler=_versions)
 
     train = sub.add_parser("train", help="train the models on labelled STEG data")
     train.add_argument("--data", required=True, help="folder with clients_train and invoices_train")
@@ -117,11 +181,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ptd {args.command}: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:
-        print(f"ptd {args.command}: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
-              file=sys.stderr)
+        print(
+            f"ptd {args.command}: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
+            file=sys.stderr,
+        )
         return 2
 
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
