@@ -255,7 +255,7 @@ def prepare_clients(raw: pd.DataFrame | None) -> PreparedClients:
     client_id, bad_id = _client_ids(raw["client_id"])
     reasons = np.full(n, "", dtype=object)
     reasons[bad_id] = "missing client_id"
-    region = _numbers(raw["region"]) if "region" in raw.columns else np.full(n, np.nan)
+    region = _numbers(raw["region"]).copy() if "region" in raw.columns else np.full(n, np.nan)
     if "region" in raw.columns:
         given = raw["region"].notna().to_numpy()
         bad_region = given & ~np.isfinite(region)
