@@ -47,7 +47,7 @@ from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 from detector.config import ConfigError, Settings
 from detector.features import FEATURE_NAMES, FEATURES, FeatureSpec
 from detector.model import ArtifactSet, ModelError
-from detector.reasons import top_reasons
+from detector.reasons import _TEXTS as REASON_TEXTS  # one wording; see batch_reasons
 from detector.telemetry import (
     METRICS,
     REQUEST_LOGGER,
@@ -623,8 +623,34 @@ def _history_features(
     return {int(key): matrix[k] for k, key in enumerate(features.index)}
 
 
-def _reasons(values: np.ndarray, contributions: np.ndarray, typical: np.ndarray) -> list[Any]:
-    return [r.to_dict() for r in top_reasons(values, contributions, typical)]
+def batch_reasons(
+    values: np.ndarray, contributions: np.ndarray, typical: np.ndarray, limit: int = 3
+) -> list[list[dict[str, Any]]]:
+    """`reasons.top_reasons` for many rows at once (same order, same cut-off, same words):
+    one argsort for the matrix instead of one per row; dicts built directly."""
+    order = np.argsort(-contributions, axis=1, kind="stable")[:, :limit]
+    top = np.take_along_axis(contributions, order, axis=1).tolist()
+    top_values = np.take_along_axis(values, order, axis=1).tolist()
+    order_list = order.tolist()
+    usual = typical.tolist()
+    out: list[list[dict[str, Any]]] = []
+    for row_order, row_top, row_values in zip(order_list, top, top_values, strict=True):
+        reasons = []
+        for index, contribution, value in zip(row_order, row_top, row_values, strict=True):
+            if contribution <= 1e-9:
+                break
+            name = FEATURE_NAMES[index]
+            reasons.append(
+                {
+                    "feature": name,
+                    "value": value,
+                    "typical": usual[index],
+                    "contribution": contribution,
+                    "text": REASON_TEXTS[name](value, usual[index]),
+                }
+            )
+        out.append(reasons)
+    return out
 
 
 def score_records(
@@ -680,7 +706,7 @@ def score_records(
     risk = scores.risk_level.tolist()
     contributions = scores.contributions
     assert contributions is not None
-    typical = artifacts.typical
+    reasons = batch_reasons(scores.features, contributions, artifacts.typical)
     for k, i in enumerate(rows):
         items[i] = {
             "customer_id": objs[i]["customer_id"],
@@ -688,7 +714,7 @@ def score_records(
             "flagged": flagged[k],
             "risk_level": risk[k],
             "threshold": threshold,
-            "reasons": _reasons(scores.features[k], contributions[k], typical),
+            "reasons": reasons[k],
             "model": model,
             "model_version": artifacts.version,
         }

@@ -113,7 +113,6 @@ def configure_logging(settings: Settings) -> None:
                 handler = logging.StreamHandler(sys.stderr)
                 handler.setFormatter(JsonFormatter())
                 logger.addHandler(handler)
-                logger.propagate = False
         if settings.appinsights_connection and not _configured["azure_monitor"]:
             _configured["azure_monitor"] = True
             _configure_azure_monitor(settings.appinsights_connection)
