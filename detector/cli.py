@@ -93,7 +93,7 @@ def _versions(args: argparse.Namespace) -> int:
 
     store = _model_store(args)
     versions = store.versions()
-    pointer = store.current()
+    pointer = store.current() if versions else None
     current = pointer["version"] if pointer else None
     if args.json:
         print(json.dumps({"versions": versions, "current": current, "pointer": pointer}))

@@ -259,9 +259,13 @@ class ModelStore:
         return pointer
 
     def versions(self) -> list[str]:
-        """Complete versions (those whose manifest exists), oldest name first."""
+        """Complete versions (those whose manifest exists), sorted; none if no container."""
+        from azure.core.exceptions import ResourceNotFoundError
+
         try:
             names = [blob.name for blob in self.container.list_blobs()]
+        except ResourceNotFoundError:
+            return []
         except Exception as exc:
             raise storage_error(exc, "cannot list model versions", self.where) from None
         return sorted(
