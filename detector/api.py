@@ -777,7 +777,34 @@ async def read_json(request: Request, limit: int) -> Any:
     try:
         return pydantic_core.from_json(body, allow_inf_nan=False)
     except ValueError as exc:
-        raise ApiError(400, "invalid_json", f"malformed JSON: {exc}", "body") from None
+        error = ApiError(400, "invalid_json", f"malformed JSON: {exc}", "body")
+    try:  # only NaN/Infinity literals wrong? then say where
+        lenient = pydantic_core.from_json(body, allow_inf_nan=True)
+    except ValueError:
+        raise error from None
+    location = _non_finite(lenient, "")
+    if location is None:
+        raise error
+    raise ApiError(
+        422, "invalid_value", "NaN and Infinity are not numbers; send a finite value", location
+    )
+
+
+def _non_finite(value: Any, location: str) -> str | None:
+    """Location of the first NaN/Infinity in parsed JSON (depth-first), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return location or "body"
+    if isinstance(value, dict):
+        items: Iterable[tuple[str, Any]] = ((_join(location, str(k)), v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"{location}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for child_location, child in items:
+        found = _non_finite(child, child_location)
+        if found is not None:
+            return found
+    return None
 
 
 def _parse_keys(entries: tuple[str, ...]) -> list[tuple[str, bytes]]:

@@ -390,7 +390,13 @@ def test_nan_and_infinity_are_rejected(client: TestClient) -> None:
         response = client.post(
             "/api/predict", content=text, headers={"content-type": "application/json"}
         )
-        assert_error(response, 400, "body", "invalid_json")
+        assert_error(response, 422, "features.n_meters", "invalid_value")
+    records = [{"customer_id": "a", "features": FEATURES_BODY}] * 2
+    text = json.dumps({"records": records}).replace('"n_meters": 2', '"n_meters": NaN')
+    response = client.post(
+        "/api/predict_batch", content=text, headers={"content-type": "application/json"}
+    )
+    assert_error(response, 422, "records[0].features.n_meters")
     text = json.dumps({"customer_id": "c", "features": FEATURES_BODY}).replace(
         '"n_meters": 2', '"n_meters": 1e999'
     )
@@ -398,6 +404,10 @@ def test_nan_and_infinity_are_rejected(client: TestClient) -> None:
         "/api/predict", content=text, headers={"content-type": "application/json"}
     )
     assert_error(response, 422, "features.n_meters")
+    response = client.post(
+        "/api/predict", content=b'{"a": NaN', headers={"content-type": "application/json"}
+    )
+    assert_error(response, 400, "body", "invalid_json")
 
 
 def test_absurd_magnitudes_are_422(
