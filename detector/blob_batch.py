@@ -103,18 +103,12 @@ def _delete_if_present(container: ContainerClient, *names: str) -> None:
 
 
 def _output_container(settings: Settings, environ: Mapping[str, str] | None) -> ContainerClient:
-    from azure.core.exceptions import ResourceExistsError
-
-    from detector.store import blob_service_client
+    from detector.store import blob_service_client, ensure_container
 
     container = blob_service_client(settings, environ).get_container_client(
         settings.batch_out_container
     )
-    try:
-        if not container.exists():
-            container.create_container()
-    except ResourceExistsError:
-        pass
+    ensure_container(container, f"output container {settings.batch_out_container}")
     return container
 
 

@@ -200,6 +200,27 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
+def ensure_container(container: ContainerClient, where: str = "") -> None:
+    """Create the container if it is missing. A role scoped to the container itself (as the
+    Bicep grants) may not create containers: a 403 here means "it exists, go on"."""
+    from azure.core.exceptions import HttpResponseError, ResourceExistsError
+
+    try:
+        container.create_container()
+    except ResourceExistsError:
+        pass
+    except HttpResponseError as exc:
+        if exc.status_code != 403:
+            raise storage_error(
+                exc, f"cannot create container {container.container_name}", where
+            ) from None
+        log.debug("no right to create container %s; assuming it exists", container.container_name)
+    except Exception as exc:
+        raise storage_error(
+            exc, f"cannot create container {container.container_name}", where
+        ) from None
+
+
 class ModelStore:
     """Versioned artifact sets in a blob container, with a pointer to the served one."""
 
@@ -276,15 +297,7 @@ class ModelStore:
 
     # -- writing -----------------------------------------------------------------------------
     def _ensure_container(self) -> None:
-        from azure.core.exceptions import ResourceExistsError
-
-        try:
-            if not self.container.exists():
-                self.container.create_container()
-        except ResourceExistsError:
-            pass
-        except Exception as exc:
-            raise storage_error(exc, "cannot create the models container", self.where) from None
+        ensure_container(self.container, self.where)
 
     def publish(
         self, artifacts_dir: Path, version: str | None = None, activate: bool = False
