@@ -1,4 +1,4 @@
-"""Cold start: process start to first prediction, with the model pulled from Azurite.
+"""Cold start: process start to first prediction, with the model from local files or from Azurite.
 
     .venv/bin/python -m benchmarks.cold_start [--artifacts models_artifacts] [--runs 3]
 
@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -59,6 +60,26 @@ t["end"] = time.time()
 print(json.dumps(t))
 """
 
+CHILD_LOCAL = r"""
+import time, json, sys, os
+t = {"start": time.time()}
+from pathlib import Path
+import numpy as np
+from detector.config import Settings
+from detector.features import FEATURE_NAMES
+from detector.model import ArtifactSet, verify_manifest
+t["imports"] = time.time()
+settings = Settings.from_env()
+s = time.time(); verify_manifest(Path(settings.model_dir)); t["verify_total"] = time.time() - s
+s = time.time(); artifacts = ArtifactSet(Path(settings.model_dir), verify=False)
+t["load"] = time.time() - s
+s = time.time()
+scores = artifacts.score(np.full((1, len(FEATURE_NAMES)), np.nan))
+t["first_prediction"] = time.time() - s
+t["end"] = time.time()
+print(json.dumps(t))
+"""
+
 CHILD_APP = r"""
 import time, json
 t = {"start": time.time()}
@@ -84,18 +105,60 @@ def _child(code: str, env: dict[str, str]) -> tuple[float, dict[str, float]]:
     return data["end"] - spawned, {**data, "spawned": spawned}
 
 
-def main() -> None:
+def _steps(t: dict[str, float], total: float) -> dict[str, float]:
+    """Seconds per step of one CHILD_STEPS / CHILD_LOCAL run."""
+    out = {
+        "total": total,
+        "interpreter": t["start"] - t["spawned"],
+        "imports": t["imports"] - t["start"],
+    }
+    if "pointer" in t:
+        out["pointer"] = t["pointer"] - t["imports"]
+        out["download"] = t["download"] - t["pointer"]
+    out["verify"] = t["verify_total"]
+    out["load"] = t["load"]
+    out["first_prediction"] = t["first_prediction"]
+    return out
+
+
+def _app_steps(t: dict[str, float], total: float) -> dict[str, float]:
+    return {
+        "total": total,
+        "interpreter": t["start"] - t["spawned"],
+        "import_function_app": t["import_function_app"] - t["start"],
+        "load_artifacts": t["load_artifacts"] - t["import_function_app"],
+        "first_prediction": t["end"] - t["load_artifacts"],
+    }
+
+
+def measure_local(artifacts: Path, runs: int) -> dict[str, list[dict[str, float]]]:
+    """Fresh processes with the bundled files: library only, and importing function_app."""
+    import os
+
+    env = {
+        **os.environ,
+        "PTD_MODEL_SOURCE": "local",
+        "PTD_MODEL_DIR": str(artifacts),
+        "PYTHONPATH": str(REPO),
+    }
+    steps, app = [], []
+    for _ in range(runs):
+        total, t = _child(CHILD_LOCAL, env)
+        steps.append(_steps(t, total))
+        total, t = _child(CHILD_APP, env)
+        app.append(_app_steps(t, total))
+    return {"steps": steps, "function_app": app}
+
+
+def measure_blob(artifacts: Path, runs: int) -> dict[str, Any]:
+    """Azurite started, the set published, then fresh processes with an empty model cache."""
     import os
 
     from detector.config import Settings
     from detector.store import ModelStore
     from tests.azurite import azurite
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--artifacts", default=str(REPO / "models_artifacts"))
-    parser.add_argument("--runs", type=int, default=3)
-    args = parser.parse_args()
-    size = sum(p.stat().st_size for p in Path(args.artifacts).iterdir()) / 1e6
+    size = sum(p.stat().st_size for p in Path(artifacts).iterdir()) / 1e6
     with azurite() as connection, tempfile.TemporaryDirectory() as tmp:
         env = {
             **os.environ,
@@ -105,34 +168,33 @@ def main() -> None:
             "PYTHONPATH": str(REPO),
         }
         store = ModelStore.from_settings(Settings.from_env(env), env)
-        version = store.publish(Path(args.artifacts), activate=True)
-        print(f"published {version} ({size:.1f} MB) to Azurite")
-        totals, app_totals = [], []
-        for run in range(args.runs):
+        version = store.publish(Path(artifacts), activate=True)
+        steps, app = [], []
+        for run in range(runs):
             env["PTD_MODEL_CACHE_DIR"] = f"{tmp}/steps-{run}"
             total, t = _child(CHILD_STEPS, env)
-            totals.append(total)
-            print(
-                f"run {run + 1}: {total:.2f} s = interpreter {t['start'] - t['spawned']:.2f} + "
-                f"imports {t['imports'] - t['start']:.2f} + "
-                f"pointer {t['pointer'] - t['imports']:.2f}"
-                f" + download {t['download'] - t['pointer']:.2f} + verify {t['verify_total']:.2f}"
-                f" + load {t['load']:.2f} + first prediction {t['first_prediction'] * 1000:.1f} ms"
-            )
+            steps.append(_steps(t, total))
             env["PTD_MODEL_CACHE_DIR"] = f"{tmp}/app-{run}"
             total, t = _child(CHILD_APP, env)
-            app_totals.append(total)
-            print(
-                f"  via function_app: {total:.2f} s = interpreter {t['start'] - t['spawned']:.2f} "
-                f"+ import function_app {t['import_function_app'] - t['start']:.2f} + "
-                f"load_artifacts (pointer, download, verify, load) "
-                f"{t['load_artifacts'] - t['import_function_app']:.2f} + predict "
-                f"{(t['end'] - t['load_artifacts']) * 1000:.1f} ms"
-            )
-        print(
-            f"median process start -> first prediction: {statistics.median(totals):.2f} s "
-            f"(library only), {statistics.median(app_totals):.2f} s (importing function_app)"
-        )
+            app.append(_app_steps(t, total))
+    return {"version": version, "size_mb": size, "steps": steps, "function_app": app}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--artifacts", default=str(REPO / "models_artifacts"))
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    for name, result in (
+        ("local files", measure_local(Path(args.artifacts), args.runs)),
+        ("Azurite", measure_blob(Path(args.artifacts), args.runs)),
+    ):
+        for variant in ("steps", "function_app"):
+            for run, steps in enumerate(result[variant]):
+                parts = " + ".join(f"{k} {v:.3f}" for k, v in steps.items() if k != "total")
+                print(f"{name} / {variant} run {run + 1}: {steps['total']:.2f} s = {parts}")
+            totals = [s["total"] for s in result[variant]]
+            print(f"{name} / {variant}: median {statistics.median(totals):.2f} s")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,395 @@
+"""Loopback HTTP rows: uvicorn serving the real app (and a bare ASGI app), started and stopped here.
+
+Latency rows use an httpx client with keep-alive (one connection, one request at a time).
+The concurrent load uses a minimal asyncio HTTP/1.1 client (pre-built request bytes,
+keep-alive, Content-Length framing) so that the load generator, which shares the 2 cores with
+the server, costs as little as possible; every non-200 answer or broken connection counts as an
+error. The server process is sampled with py-spy during the single-prediction load and the
+10k-record batches (see "Where the time goes").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import psutil
+
+from benchmarks.common import Row, Stats, features_body, lat, measure, ms, server, yes_no
+
+JSON = {"content-type": "application/json"}
+
+
+def _bodies(rows: np.ndarray, n: int, prefix: str = "c") -> list[dict[str, Any]]:
+    return [features_body(rows[i % len(rows)], f"{prefix}{i}") for i in range(n)]
+
+
+# --- a minimal load generator ------------------------------------------------------------------
+
+
+def _request(url: str, body: bytes | None) -> bytes:
+    parts = urlsplit(url)
+    head = (
+        f"{'POST' if body is not None else 'GET'} {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+    )
+    if body is None:
+        return (head + "\r\n").encode()
+    return (
+        head + f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+async def _client(
+    host: str,
+    port: int,
+    requests: list[bytes],
+    deadline: float,
+    latencies: list[float],
+    errors: Counter[str],
+) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    i = 0
+    clock = time.perf_counter
+    try:
+        while clock() < deadline:
+            start = clock()
+            writer.write(requests[i % len(requests)])
+            i += 1
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            await reader.readexactly(length)
+            latencies.append(clock() - start)
+            if status != 200:
+                errors[f"HTTP {status}"] += 1
+    except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+        errors[type(exc).__name__] += 1
+    finally:
+        writer.close()
+
+
+def load(url: str, requests: list[bytes], clients: int, seconds: float) -> dict[str, Any]:
+    parts = urlsplit(url)
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+
+    async def run() -> float:
+        start = time.perf_counter()
+        deadline = start + seconds
+        await asyncio.gather(
+            *(
+                _client(
+                    parts.hostname or "", parts.port or 80, requests, deadline, latencies, errors
+                )
+                for _ in range(clients)
+            )
+        )
+        return time.perf_counter() - start
+
+    elapsed = asyncio.run(run())
+    stats = Stats(latencies)
+    return {
+        "requests": len(latencies),
+        "elapsed": elapsed,
+        "per_minute": len(latencies) / elapsed * 60,
+        "errors": dict(errors),
+        "n_errors": sum(errors.values()),
+        "stats": stats,
+    }
+
+
+# --- profiling -----------------------------------------------------------------------------------
+
+
+def _py_spy() -> str | None:
+    local = Path(sys.executable).parent / "py-spy"
+    return str(local) if local.exists() else shutil.which("py-spy")
+
+
+def start_profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
+    exe = _py_spy()
+    if exe is None:
+        return None
+    return subprocess.Popen(
+        [
+            *(exe, "record", "-p", str(pid), "-d", str(int(np.ceil(seconds))), "-r", "250"),
+            *("--nonblocking", "-f", "raw", "-o", str(out)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def summarise_profile(path: Path, top: int = 14) -> dict[str, Any] | None:
+    """Collapsed stacks -> the functions with the most samples, inclusive and self."""
+    if not path.is_file():
+        return None
+    inclusive: Counter[str] = Counter()
+    self_time: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        total += count
+        frames = [_frame(f) for f in stack.split(";")]
+        for name in set(frames):
+            inclusive[name] += count
+        self_time[frames[-1]] += count
+    if not total:
+        return None
+    boring = ("<module>", "run (", "_run (", "run_forever", "_run_once", "run_until_complete")
+    incl = [
+        (name, n / total)
+        for name, n in inclusive.most_common()
+        if n / total < 0.97 and not name.startswith(boring)
+    ][:top]
+    return {
+        "samples": total,
+        "inclusive": incl,
+        "self": [(name, n / total) for name, n in self_time.most_common(top)],
+    }
+
+
+BUCKETS: tuple[tuple[str, Any], ...] = (
+    ("model: ArtifactSet.score (numpy forest walk)", lambda f, p: "detector/model.py" in p),
+    ("reasons (batch_reasons, texts)", lambda f, p: f == "batch_reasons" or "reasons.py" in p),
+    ("logging + metrics (request log line)", lambda f, p: "logging/" in p or "telemetry.py" in p),
+    ("validation (pydantic TypeAdapter)", lambda f, p: f == "_validate" or "pydantic" in p),
+    ("features from raw history", lambda f, p: "features.py" in p or "schema.py" in p),
+    ("JSON parse of the body (read_json)", lambda f, p: f == "read_json"),
+    ("JSON response (json_response)", lambda f, p: f == "json_response"),
+    ("predict_batch run(): result dicts + to_json", lambda f, p: f == "run" and "api.py" in p),
+    ("score_records: row matrix + result dicts", lambda f, p: f == "score_records"),
+    ("detector/api.py: middleware, route, auth", lambda f, p: "detector/api.py" in p),
+    (
+        "FastAPI/Starlette: routing, request, response",
+        lambda f, p: "starlette/" in p or "fastapi/" in p,
+    ),
+    ("uvicorn + h11: HTTP parsing, transport", lambda f, p: "uvicorn/" in p or "h11/" in p),
+    (
+        "socket send (asyncio transport.write: kernel loopback TCP)",
+        lambda f, p: f.endswith("Transport.write") and "selector_events" in p,
+    ),
+    ("event loop wait (epoll select)", lambda f, p: f.endswith(".select") and "selectors" in p),
+    ("asyncio / anyio: event loop, threads", lambda f, p: "asyncio/" in p or "anyio/" in p),
+)
+
+
+def buckets(path: Path) -> list[tuple[str, float]]:
+    """Each sample to the innermost frame that names an owner; numpy/pandas go to their caller."""
+    if not path.is_file():
+        return []
+    counts: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        total += count
+        owner = "other (interpreter, selectors, GC)"
+        for frame in reversed(stack.split(";")):
+            function, _, where = frame.partition(" (")
+            hit = next((name for name, rule in BUCKETS if rule(function, where)), None)
+            if hit:
+                owner = hit
+                break
+        counts[owner] += count
+    return [(name, n / total) for name, n in counts.most_common()] if total else []
+
+
+def _frame(text: str) -> str:
+    # "function (path/to/file.py:123)" -> "function (file.py)" with the package kept for clarity
+    name, _, where = text.partition(" (")
+    where = where.rstrip(")")
+    file = where.rsplit(":", 1)[0]
+    for marker in ("site-packages/", "/work/main/", "lib/python3.11/"):
+        if marker in file:
+            file = file.split(marker, 1)[1]
+            break
+    return f"{name} ({file})"
+
+
+# --- the rows ----------------------------------------------------------------------------------
+
+
+def run(rows: np.ndarray, cfg: dict[str, Any], tmp: Path) -> tuple[list[Row], dict[str, Any]]:
+    import httpx
+
+    out: list[Row] = []
+    extra: dict[str, Any] = {}
+    singles = [json.dumps(b).encode() for b in _bodies(rows, 512)]
+    batch_bodies = {
+        size: json.dumps({"records": _bodies(rows, size)}).encode() for size in cfg["batch_sizes"]
+    }
+    runs, secs = cfg["http_runs"], cfg["http_seconds"]
+
+    with server("benchmarks.bare:create_app") as (bare_url, _):
+        with httpx.Client(base_url=bare_url) as client:
+            k = {"i": 0}
+            bare_get = measure(lambda: client.get("/"), runs=runs, warmup=100, max_seconds=secs)
+
+            def bare_post() -> None:
+                client.post("/", content=singles[k["i"] % 512], headers=JSON)
+                k["i"] += 1
+
+            bare_post_stats = measure(bare_post, runs=runs, warmup=100, max_seconds=secs)
+        bare_load = load(bare_url, [_request(bare_url + "/", singles[0])], 8, cfg["load_seconds"])
+
+    env = {"PTD_MODEL_SOURCE": "local", "PTD_LOG_LEVEL": "INFO"}
+    with server("detector.api:create_app", env, tmp / "api-server.log") as (url, process):
+        with httpx.Client(base_url=url, timeout=120) as client:
+            assert client.get("/api/health").status_code == 200
+            health = measure(
+                lambda: client.get("/api/health"), runs=runs, warmup=100, max_seconds=secs
+            )
+            k = {"i": 0, "bad": 0}
+
+            def predict() -> None:
+                r = client.post("/api/predict", content=singles[k["i"] % 512], headers=JSON)
+                k["i"] += 1
+                if r.status_code != 200:
+                    k["bad"] += 1
+
+            single = measure(predict, runs=runs, warmup=100, max_seconds=secs)
+            batch: dict[int, Stats] = {}
+            for size, body in batch_bodies.items():
+
+                def post(body: bytes = body) -> None:
+                    r = client.post("/api/predict_batch", content=body, headers=JSON)
+                    if r.status_code != 200:
+                        k["bad"] += 1
+
+                batch[size] = measure(
+                    post, runs=cfg["batch_runs"], warmup=1, max_seconds=cfg["batch_seconds"]
+                )
+
+        # Sustained load, single predictions from N clients; py-spy samples the server meanwhile.
+        predict_requests = [_request(url + "/api/predict", b) for b in singles]
+        profile_single = tmp / "profile-predict.txt"
+        proc = psutil.Process(process.pid)
+        loads = {}
+        for j, n in enumerate(cfg["clients"]):
+            spy = (
+                start_profile(process.pid, cfg["load_seconds"] - 0.5, profile_single)
+                if not j
+                else None
+            )
+            cpu0 = sum(proc.cpu_times()[:2])
+            loads[n] = load(url, predict_requests, n, cfg["load_seconds"])
+            loads[n]["server_cpu_per_request"] = (sum(proc.cpu_times()[:2]) - cpu0) / max(
+                1, loads[n]["requests"]
+            )
+            if spy is not None:
+                spy.wait(timeout=60)
+        extra["cpu_per_predict"] = loads[cfg["clients"][0]]["server_cpu_per_request"]
+        # Batch throughput: records per minute through predict_batch, 2 clients.
+        batch_loads = {}
+        for size in cfg["load_batch_sizes"]:
+            req = [_request(url + "/api/predict_batch", batch_bodies[size])]
+            res = load(url, req, 2, cfg["load_seconds"])
+            res["predictions_per_minute"] = res["requests"] * size / res["elapsed"] * 60
+            batch_loads[size] = res
+        # Profile 10k batches on their own.
+        big = max(batch_bodies)
+        profile_batch = tmp / "profile-batch.txt"
+        spy = start_profile(process.pid, cfg["profile_batch_seconds"], profile_batch)
+        cpu0, sent = sum(proc.cpu_times()[:2]), 0
+        with httpx.Client(base_url=url, timeout=120) as client:
+            deadline = time.perf_counter() + cfg["profile_batch_seconds"]
+            while time.perf_counter() < deadline or not sent:
+                client.post("/api/predict_batch", content=batch_bodies[big], headers=JSON)
+                sent += 1
+        extra["cpu_per_batch"] = (sum(proc.cpu_times()[:2]) - cpu0) / sent
+        if spy is not None:
+            spy.wait(timeout=60)
+
+    extra["buckets_predict"] = buckets(profile_single)
+    extra["buckets_batch"] = buckets(profile_batch)
+    extra["profile_predict"] = summarise_profile(profile_single)
+    extra["profile_batch"] = summarise_profile(profile_batch)
+    extra["profile_batch_size"] = big
+    extra["bad_responses"] = k["bad"]
+
+    out.append(
+        Row(
+            "HTTP loopback",
+            "GET /api/health (app's cheapest route)",
+            lat(health),
+            limit=f"bare ASGI GET {lat(bare_get)}",
+            ratio=f"{health.p50 / bare_get.p50:.2f}x bare",
+        )
+    )
+    out.append(
+        Row(
+            "HTTP loopback",
+            "POST /api/predict, features, 1 client keep-alive",
+            lat(single),
+            limit=f"bare ASGI POST {lat(bare_post_stats)}",
+            ratio=f"{single.p50 / bare_post_stats.p50:.2f}x bare; "
+            f"+{ms(single.p50 - bare_post_stats.p50)}",
+            goal="p50 < 2 ms",
+            met=yes_no(single.p50 < 0.002),
+            note=f"{single.n} requests; non-200: {k['bad']}",
+        )
+    )
+    for size, stats in batch.items():
+        out.append(
+            Row(
+                "HTTP loopback",
+                f"POST /api/predict_batch, {size:,} customers",
+                f"{lat(stats)} ({size / stats.p50 * 60 / 1e6:.2f} M pred/min)",
+                limit=f"body {len(batch_bodies[size]) / 1e6:.1f} MB",
+                goal="10k < 1 s" if size >= 10_000 else "",
+                met=yes_no(stats.p50 < 1) if size >= 10_000 else "",
+            )
+        )
+    for n, res in loads.items():
+        s = res["stats"]
+        out.append(
+            Row(
+                "sustained load",
+                f"POST /api/predict, {n} concurrent clients, {cfg['load_seconds']:.0f} s",
+                f"{res['per_minute']:,.0f} pred/min; p50 {ms(s.p50)} · p95 {ms(s.p95)} · "
+                f"p99 {ms(s.p99)}",
+                limit=f"bare ASGI, 8 clients: {bare_load['per_minute']:,.0f} req/min",
+                ratio=f"{res['per_minute'] / bare_load['per_minute']:.2f}x bare",
+                goal="0 errors",
+                met=yes_no(res["n_errors"] == 0),
+                note=f"{res['requests']:,} requests, errors: {res['errors'] or 0}",
+            )
+        )
+    for size, res in batch_loads.items():
+        s = res["stats"]
+        out.append(
+            Row(
+                "sustained load",
+                f"POST /api/predict_batch of {size:,}, 2 clients, {cfg['load_seconds']:.0f} s",
+                f"{res['predictions_per_minute']:,.0f} pred/min; p50 {ms(s.p50)} · p99 {ms(s.p99)}",
+                goal="> 1,000,000 pred/min",
+                met=yes_no(res["predictions_per_minute"] > 1e6 and res["n_errors"] == 0),
+                note=f"{res['requests']} requests, errors: {res['errors'] or 0}",
+            )
+        )
+    extra["stats"] = {
+        "health": health.to_dict(),
+        "bare_get": bare_get.to_dict(),
+        "bare_post": bare_post_stats.to_dict(),
+        "predict": single.to_dict(),
+        "batch": {s: v.to_dict() for s, v in batch.items()},
+    }
+    return out, extra

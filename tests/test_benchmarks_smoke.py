@@ -1,0 +1,65 @@
+"""The benchmark harness at tiny sizes, so that `make bench` cannot rot. Asserts no timings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import http
+from benchmarks.__main__ import TINY, render, run_suite
+from benchmarks.common import Stats, features_body, machine, measure
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "models_artifacts"
+
+pytestmark = pytest.mark.xdist_group("benchmarks")
+
+
+def test_stats_are_medians_and_percentiles() -> None:
+    stats = Stats([0.001 * i for i in range(1, 101)])
+    assert stats.n == 100
+    assert stats.p50 == pytest.approx(0.0505)
+    assert stats.p50 <= stats.p95 <= stats.p99 <= 0.1
+    calls = []
+    timed = measure(lambda: calls.append(1), runs=5, warmup=2)
+    assert timed.n == 5 and len(calls) == 7
+
+
+def test_profile_buckets_charge_the_innermost_owner(tmp_path: Path) -> None:
+    raw = tmp_path / "raw.txt"
+    raw.write_text(
+        "run (uvicorn/server.py:1);score (/work/main/detector/model.py:10);"
+        "mean (numpy/_core/_methods.py:5) 3\n"
+        "run (uvicorn/server.py:1);handle (h11/_connection.py:3) 1\n"
+    )
+    shares = dict(http.buckets(raw))
+    assert shares["model: ArtifactSet.score (numpy forest walk)"] == pytest.approx(0.75)
+    assert http.summarise_profile(raw) is not None
+
+
+def test_features_body_matches_the_api_shape() -> None:
+    row = np.arange(14, dtype=float)
+    row[-1] = np.nan
+    body = features_body(row, "c1")
+    assert body["customer_id"] == "c1"
+    assert len(body["features"]) == 14
+    assert body["features"]["client_age_years"] is None
+
+
+@pytest.mark.skipif(
+    not (ARTIFACTS / "random_forest.joblib").is_file(), reason="no bundled model artifacts"
+)
+def test_tiny_suite_in_process_and_over_http(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("skl2onnx")
+    rows, extra = run_suite(TINY, ("inprocess", "http", "training"), None, ARTIFACTS)
+    failed = [r for r in rows if r.name == "section failed"]
+    assert not failed, failed
+    names = [r.name for r in rows]
+    assert any("single prediction" in n for n in names)
+    assert any("/api/predict_batch" in n for n in names)
+    assert all("errors: 0" in r.note for r in rows if r.section == "sustained load")
+    text = render(rows, extra, machine(), "python -m benchmarks --tiny", 1.0)
+    assert "| Section | Benchmark |" in text and "Where the time goes" in text
