@@ -13,6 +13,7 @@ import azurefunctions.extensions.bindings.blob as blob
 from detector.api import create_app
 from detector.blob_batch import process_blob
 from detector.config import Settings
+from detector.telemetry import observe_blob_run
 
 settings = Settings.from_env()
 app = func.AsgiFunctionApp(app=create_app(settings), http_auth_level=func.AuthLevel.FUNCTION)
@@ -26,5 +27,8 @@ app = func.AsgiFunctionApp(app=create_app(settings), http_auth_level=func.AuthLe
     source=func.BlobSource.EVENT_GRID,
 )
 def score_batch_blob(client: blob.BlobClient) -> None:
-    """Score one billing export; results, summary and rejects go to `batch-out`."""
-    process_blob(client, settings)
+    """Score one billing export; results, summary and rejects go to `batch-out`.
+
+    Traced and audited (detector.telemetry.observe_blob_run): a correlation id per run, the
+    `batch_failed` event when it fails (then the exception reaches the host, which retries)."""
+    observe_blob_run(str(client.blob_name), lambda: process_blob(client, settings))

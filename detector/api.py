@@ -46,15 +46,22 @@ from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 
 from detector.config import MODEL_NAMES, ConfigError, Settings
 from detector.features import FEATURE_NAMES, FEATURES, FeatureSpec
+from detector.limits import RateLimiter
 from detector.model import ArtifactSet, ModelError
 from detector.reasons import _TEXTS as REASON_TEXTS  # one wording; see batch_reasons
 from detector.telemetry import (
+    EVENT_MODEL_LOAD_FAILED,
     METRICS,
+    PROMETHEUS_CONTENT_TYPE,
     REQUEST_LOGGER,
+    audit,
     configure_logging,
     correlation_from_headers,
     correlation_id,
+    in_azure_functions,
     log_event,
+    prometheus_text,
+    span,
 )
 
 if TYPE_CHECKING:
@@ -74,9 +81,11 @@ ROUTES = (
     "/api/features",
     "/api/predict",
     "/api/predict_batch",
+    "/api/metrics",
     "/api/openapi.json",
     "/api/docs",
 )
+SCORING_ROUTES = frozenset({"/api/predict", "/api/predict_batch"})
 OPEN_ROUTES = frozenset({"/api/health", "/api/openapi.json", "/api/docs"})
 # Above this many records a batch is validated and scored in a worker thread, off the event loop.
 THREAD_THRESHOLD = 64
@@ -405,7 +414,17 @@ class ModelHolder:
                 self._next_attempt = self._clock() + self._delay
                 self._delay = min(self._delay * 2, self._backoff[1])
                 METRICS.inc("model_load_failures_total")
-                log.error("model load failed (attempt %d): %s", self.attempts, self.reason)
+                log_event(
+                    log,
+                    logging.ERROR,
+                    {
+                        "event": EVENT_MODEL_LOAD_FAILED,
+                        "message": f"model load failed (attempt {self.attempts}): {self.reason}",
+                        "attempt": self.attempts,
+                        "reason": self.reason,
+                        "retry_in_seconds": round(self._next_attempt - self._clock(), 3),
+                    },
+                )
                 self._raise_unavailable()
             self.load_seconds = time.perf_counter() - started
             self.artifacts = artifacts
@@ -801,6 +820,15 @@ def _non_finite(value: Any, location: str) -> str | None:
     return None
 
 
+def _client_address(request: Request) -> str:
+    """The caller's address for the keyless rate limit: the socket peer, else the first
+    X-Forwarded-For hop (set by the Functions front end), else "unknown"."""
+    if request.client is not None and request.client.host:
+        return request.client.host
+    forwarded = request.headers.get("x-forwarded-for", "").split(",", 1)[0].strip()
+    return forwarded[:64] or "unknown"
+
+
 def _parse_keys(entries: tuple[str, ...]) -> list[tuple[str, bytes]]:
     keys = []
     for n, entry in enumerate(entries):
@@ -855,7 +883,8 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_headers)
+            with span(f"{scope.get('method')} {path if path in ROUTES else 'other'}"):
+                await self.app(scope, receive, send_with_headers)
         except Exception as exc:
             info["error"] = "internal_error"
             log.error(
@@ -885,6 +914,17 @@ class RequestContextMiddleware:
                 **info,
             }
             log_event(request_log, logging.WARNING if status >= 500 else logging.INFO, fields)
+            if route in SCORING_ROUTES:
+                audit(
+                    route.removeprefix("/api/"),
+                    caller=info.get("caller") or "unauthenticated",
+                    customers=int(info.get("customers") or 0),
+                    model_version=info.get("model_version"),
+                    outcome="ok" if status < 400 else str(info.get("error") or f"http_{status}"),
+                    status=status,
+                    model=info.get("model"),
+                    failed=info.get("failed"),
+                )
             labels = {"path": route, "status": str(status)}
             METRICS.inc("http_requests_total", 1, labels)
             METRICS.observe("http_request_duration_ms", duration_ms, {"path": route})
@@ -905,6 +945,11 @@ def create_app(
     settings = settings or Settings.from_env()
     configure_logging(settings)
     keys = _parse_keys(settings.api_keys)
+    limiter = (
+        RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None
+    )
+    # Who calls when the app has no keys of its own: in Azure the host checked a function key.
+    keyless_caller = "function-key" if in_azure_functions() else "anonymous"
     holder = ModelHolder(artifacts_loader or default_loader(settings), retry_backoff)
 
     @asynccontextmanager
@@ -931,6 +976,10 @@ def create_app(
     async def require_key(request: Request) -> None:
         info = request_info.get()
         if not keys:
+            if info is not None:
+                info["caller"] = keyless_caller
+            if limiter is not None:
+                rate_limit(f"address:{_client_address(request)}")
             return
         supplied = request.headers.get("x-api-key") or request.headers.get("x-functions-key")
         if not supplied:
@@ -946,6 +995,22 @@ def create_app(
             raise ApiError(401, "unauthorized", "invalid API key", "header.x-api-key")
         if info is not None:
             info["caller"] = caller
+        if limiter is not None:
+            rate_limit(f"key:{caller}")
+
+    def rate_limit(bucket: str) -> None:
+        assert limiter is not None
+        wait = limiter.check(bucket)
+        if wait > 0:
+            METRICS.inc("rate_limited_total")
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"more than {settings.rate_limit_per_minute} requests a minute from this caller; "
+                "retry after the number of seconds in Retry-After",
+                None,
+                headers={"retry-after": RateLimiter.retry_after(wait)},
+            )
 
     async def artifacts_or_503() -> ArtifactSet:
         try:
@@ -1005,6 +1070,22 @@ def create_app(
                 "default_model": artifacts.default_model,
             }
         )
+
+    @app.get(
+        "/api/metrics",
+        tags=["service"],
+        responses={
+            200: {
+                "description": "Prometheus text exposition format",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            },
+            401: _error_ref("missing or invalid API key"),
+            429: _error_ref("over the per-caller rate limit"),
+        },
+    )
+    async def metrics(request: Request) -> Response:
+        await require_key(request)
+        return Response(prometheus_text(), media_type=PROMETHEUS_CONTENT_TYPE)
 
     @app.get("/api/model_info", tags=["model"])
     async def model_info(request: Request) -> Response:
@@ -1097,6 +1178,7 @@ def create_app(
                 "413": _error_ref("body, batch or history over its limit"),
                 "415": _error_ref("the body is not application/json"),
                 "422": _error_ref("invalid input; location names the field"),
+                "429": _error_ref("over the per-caller rate limit; see Retry-After"),
                 "503": _error_ref("the model is not available"),
             },
         }

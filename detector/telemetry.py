@@ -5,22 +5,31 @@ fields twice on purpose: as the record's attributes (what `JsonFormatter` writes
 the message itself (what a foreign handler writes, e.g. the Azure Functions worker's), so the
 line stays structured whoever formats it.
 
-`METRICS` is a tiny registry (counters and histograms, thread-safe, in-process). Prometheus
-exposition and OpenTelemetry export build on `Metrics.snapshot()`; Application Insights is set up
-only when a connection string is configured, and its package is imported only then.
+`METRICS` is a tiny registry (counters and histograms, thread-safe, in-process), exposed in the
+Prometheus text format by `prometheus_text` (GET /api/metrics). Application Insights is set up
+only when a connection string is configured, and its package is imported only then: then every
+`METRICS.inc`/`observe` is also recorded on an OpenTelemetry instrument of the same name, and
+`span()` opens a trace span carrying the correlation id. Without it, `span()` costs nothing.
+
+The audit trail (`audit`, logger `detector.audit`) is one line per scoring call and per batch file:
+who (a key name or identity, never a key), when, how many customers, model version, outcome and
+correlation id. No customer id, no feature value and no secret is ever passed to a log call.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import logging
+import math
 import os
 import re
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -30,6 +39,10 @@ if TYPE_CHECKING:
 
 LOGGER_NAME = "detector"
 REQUEST_LOGGER = "detector.requests"
+AUDIT_LOGGER = "detector.audit"
+# Event names the alert rules in infra/modules/alerts.bicep query (tests/test_infra.py checks).
+EVENT_BATCH_FAILED = "batch_failed"
+EVENT_MODEL_LOAD_FAILED = "model_load_failed"
 
 # The correlation id of the request (or blob) being handled; "" outside of one.
 correlation_id: ContextVar[str] = ContextVar("correlation_id", default="")
@@ -88,7 +101,33 @@ def log_event(logger: logging.Logger, level: int, fields: dict[str, Any]) -> Non
     """Log one structured line; `fields` must hold no customer data and no secret."""
     if logger.isEnabledFor(level):
         message = json.dumps(fields, default=str, separators=(",", ":"))
-        logger.log(level, message, extra={"fields": fields})
+        # `event` also as its own attribute: Application Insights customDimensions["event"].
+        extra = {"fields": fields, "event": fields.get("event")}
+        logger.log(level, message, extra=extra)
+
+
+def audit(
+    kind: str,
+    *,
+    caller: str,
+    customers: int,
+    model_version: str | None,
+    outcome: str,
+    **details: Any,
+) -> None:
+    """The audit line of one scoring call or batch file (no customer data, no secret)."""
+    fields: dict[str, Any] = {
+        "event": "audit",
+        "kind": kind,
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "caller": caller,
+        "customers": customers,
+        "model_version": model_version,
+        "outcome": outcome,
+        "correlation_id": correlation_id.get() or None,
+        **details,
+    }
+    log_event(logging.getLogger(AUDIT_LOGGER), logging.INFO, fields)
 
 
 _configured_lock = threading.Lock()
@@ -115,21 +154,121 @@ def configure_logging(settings: Settings) -> None:
                 logger.addHandler(handler)
         if settings.appinsights_connection and not _configured["azure_monitor"]:
             _configured["azure_monitor"] = True
-            _configure_azure_monitor(settings.appinsights_connection)
+            _configure_azure_monitor(
+                settings.appinsights_connection,
+                os.environ.get("APPLICATIONINSIGHTS_AUTHENTICATION_STRING", ""),
+            )
 
 
-def _configure_azure_monitor(connection_string: str) -> None:
+def aad_client_id(authentication_string: str) -> str | None:
+    """`ClientId=<id>;Authorization=AAD` -> "<id>" ("" for a system-assigned identity);
+    None when the string does not ask for Entra ID (AAD) authentication."""
+    parts = {}
+    for item in authentication_string.split(";"):
+        key, sep, value = item.partition("=")
+        if sep:
+            parts[key.strip().lower()] = value.strip()
+    if parts.get("authorization", "").upper() != "AAD":
+        return None
+    return parts.get("clientid", "")
+
+
+def azure_monitor_options(connection_string: str, authentication_string: str) -> dict[str, Any]:
+    """Keyword arguments of `configure_azure_monitor`: the connection, our logger, and a
+    ManagedIdentityCredential when APPLICATIONINSIGHTS_AUTHENTICATION_STRING says AAD (the
+    resource has local authentication off: ingestion needs the identity's Entra ID token)."""
+    options: dict[str, Any] = {"connection_string": connection_string, "logger_name": LOGGER_NAME}
+    client_id = aad_client_id(authentication_string)
+    if client_id is not None:
+        from azure.identity import ManagedIdentityCredential
+
+        options["credential"] = ManagedIdentityCredential(client_id=client_id or None)
+    return options
+
+
+def _configure_azure_monitor(connection_string: str, authentication_string: str = "") -> None:
+    logger = logging.getLogger(LOGGER_NAME)
     try:
         from azure.monitor.opentelemetry import configure_azure_monitor
     except ImportError as exc:  # pragma: no cover - it is in requirements.txt
-        logging.getLogger(LOGGER_NAME).warning("azure-monitor-opentelemetry unavailable: %s", exc)
+        logger.warning("azure-monitor-opentelemetry unavailable: %s", exc)
         return
     try:
-        configure_azure_monitor(connection_string=connection_string, logger_name=LOGGER_NAME)
+        configure_azure_monitor(**azure_monitor_options(connection_string, authentication_string))
+        enable_otel()
     except Exception as exc:  # a bad connection string must not stop the service
-        logging.getLogger(LOGGER_NAME).warning(
-            "Application Insights not configured: %s", type(exc).__name__
+        logger.warning("Application Insights not configured: %s", type(exc).__name__)
+
+
+# --- tracing -------------------------------------------------------------------------------
+
+_tracer: list[Any] = []  # the OpenTelemetry tracer once enabled; empty = tracing off
+
+
+@contextlib.contextmanager
+def span(name: str, **attributes: Any) -> Iterator[None]:
+    """A trace span with the correlation id when OpenTelemetry is on; nothing otherwise."""
+    if not _tracer:
+        yield
+        return
+    attrs = {k: v for k, v in attributes.items() if isinstance(v, str | int | float | bool)}
+    attrs.setdefault("correlation_id", correlation_id.get())
+    with _tracer[0].start_as_current_span(name, attributes=attrs):
+        yield
+
+
+def observe_blob_run(blob_name: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one blob-triggered batch under its own correlation id and trace span; log the audit
+    line, and the `batch_failed` event (an alert rule queries it) when the run raises or the
+    file could not be used. `run` returns the report `blob_batch.process_blob` returns."""
+    logger = logging.getLogger("detector.blob")
+    token = correlation_id.set(new_correlation_id())
+    try:
+        with span("blob score_batch_blob", input_blob=blob_name):
+            report = run()
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        reason = f"{type(exc).__name__}: {first}"
+        log_event(
+            logger,
+            logging.ERROR,
+            {"event": EVENT_BATCH_FAILED, "input_blob": blob_name, "reason": reason},
         )
+        audit(
+            "batch_file",
+            caller="blob-trigger",
+            customers=0,
+            model_version=None,
+            outcome="failed",
+            input_blob=blob_name,
+            error=type(exc).__name__,
+        )
+        correlation_id.reset(token)
+        raise
+    if "error" in report:
+        outcome = "unusable_file"
+        log_event(
+            logger,
+            logging.ERROR,
+            {"event": EVENT_BATCH_FAILED, "input_blob": blob_name, "reason": "file unusable"},
+        )
+    elif "skipped" in report:
+        outcome = "skipped"
+    else:
+        outcome = "ok"
+    audit(
+        "batch_file",
+        caller="blob-trigger",
+        customers=int(report.get("clients_scored") or 0),
+        model_version=report.get("model_version"),
+        outcome=outcome,
+        input_blob=blob_name,
+        input_etag=report.get("input_etag"),
+        rows_rejected=report.get("rows_rejected"),
+        flagged=report.get("clients_flagged"),
+    )
+    correlation_id.reset(token)
+    return report
 
 
 # --- metrics -------------------------------------------------------------------------------
@@ -166,12 +305,32 @@ class Metrics:
         self._lock = threading.Lock()
         self.counters: dict[str, dict[Labels, float]] = {}
         self.histograms: dict[str, dict[Labels, Histogram]] = {}
+        self._meter: Any = None  # an OpenTelemetry Meter once enabled
+        self._instruments: dict[str, Any] = {}
+
+    def enable_otel(self, meter: Any) -> None:
+        """Also record every value on OpenTelemetry instruments (same names and labels)."""
+        with self._lock:
+            self._meter = meter
+            self._instruments.clear()
+
+    def _instrument(self, kind: str, name: str) -> Any:
+        instrument = self._instruments.get(name)
+        if instrument is None:
+            unit = "ms" if name.endswith("_ms") else "s" if name.endswith("_seconds") else "1"
+            create = (
+                self._meter.create_counter if kind == "counter" else self._meter.create_histogram
+            )
+            instrument = self._instruments[name] = create(name, unit=unit)
+        return instrument
 
     def inc(self, name: str, value: float = 1.0, labels: dict[str, str] | None = None) -> None:
         key = _labels(labels)
         with self._lock:
             series = self.counters.setdefault(name, {})
             series[key] = series.get(key, 0.0) + value
+            if self._meter is not None and value >= 0:
+                self._instrument("counter", name).add(value, dict(key))
 
     def observe(
         self,
@@ -187,6 +346,8 @@ class Metrics:
             if histogram is None:
                 histogram = series[key] = Histogram(buckets)
             histogram.observe(value)
+            if self._meter is not None:
+                self._instrument("histogram", name).record(value, dict(key))
 
     def counter_value(self, name: str, labels: dict[str, str] | None = None) -> float:
         with self._lock:
@@ -222,3 +383,73 @@ class Metrics:
 
 
 METRICS = Metrics()
+
+
+def enable_otel() -> None:
+    """Switch on the OpenTelemetry side of `METRICS` and `span` (after the SDK is configured)."""
+    from opentelemetry import metrics, trace
+
+    METRICS.enable_otel(metrics.get_meter(LOGGER_NAME))
+    _tracer[:] = [trace.get_tracer(LOGGER_NAME)]
+
+
+# --- Prometheus exposition -------------------------------------------------------------------
+
+_HELP = {
+    "predictions_total": "Customers scored, by model and model version.",
+    "predictions_flagged_total": "Customers flagged (probability at or above the threshold).",
+    "model_latency_ms": "Time in the model per scoring call, milliseconds.",
+    "model_load_seconds": "Time to load (download, verify, deserialise) the model set.",
+    "model_load_failures_total": "Failed attempts to load the model set.",
+    "batch_files_total": "Batch files handled, by outcome.",
+    "batch_rows_scored_total": "Input rows of batch files scored.",
+    "batch_rows_rejected_total": "Batch rows or records rejected, by source (api, blob).",
+    "http_requests_total": "HTTP requests, by route and status.",
+    "http_request_duration_ms": "HTTP request duration, milliseconds.",
+    "rate_limited_total": "Requests answered 429 by the per-instance rate limit.",
+}
+PROMETHEUS_PREFIX = "ptd_"
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _label_text(labels: dict[str, str], extra: tuple[str, str] | None = None) -> str:
+    items = [*sorted(labels.items()), *([extra] if extra else [])]
+    if not items:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in items) + "}"
+
+
+def _number(value: float) -> str:
+    if value == int(value) and abs(value) < 2**53:
+        return str(int(value))
+    return repr(float(value))
+
+
+def prometheus_text(snapshot: dict[str, Any] | None = None) -> str:
+    """The registry in the Prometheus text exposition format (version 0.0.4)."""
+    snap = snapshot if snapshot is not None else METRICS.snapshot()
+    lines: list[str] = []
+    for name in sorted(snap["counters"]):
+        full = PROMETHEUS_PREFIX + name
+        lines.append(f"# HELP {full} {_HELP.get(name, name)}")
+        lines.append(f"# TYPE {full} counter")
+        for entry in snap["counters"][name]:
+            lines.append(f"{full}{_label_text(entry['labels'])} {_number(entry['value'])}")
+    for name in sorted(snap["histograms"]):
+        full = PROMETHEUS_PREFIX + name
+        lines.append(f"# HELP {full} {_HELP.get(name, name)}")
+        lines.append(f"# TYPE {full} histogram")
+        for entry in snap["histograms"][name]:
+            labels = entry["labels"]
+            cumulative = 0
+            for bound, count in zip([*entry["buckets"], math.inf], entry["counts"], strict=True):
+                cumulative += count
+                le = "+Inf" if bound == math.inf else _number(float(bound))
+                lines.append(f"{full}_bucket{_label_text(labels, ('le', le))} {cumulative}")
+            lines.append(f"{full}_sum{_label_text(labels)} {_number(entry['sum'])}")
+            lines.append(f"{full}_count{_label_text(labels)} {entry['count']}")
+    return "\n".join(lines) + "\n"
