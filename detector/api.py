@@ -48,7 +48,7 @@ from detector.config import MODEL_NAMES, ConfigError, Settings
 from detector.features import FEATURE_NAMES, FEATURES, FeatureSpec
 from detector.limits import RateLimiter
 from detector.model import ArtifactSet, ModelError
-from detector.reasons import _TEXTS as REASON_TEXTS  # one wording; see batch_reasons
+from detector.reasons import explain_rows
 from detector.telemetry import (
     EVENT_MODEL_LOAD_FAILED,
     METRICS,
@@ -162,11 +162,11 @@ Code = Annotated[int, Field(ge=-INT64, le=INT64)]
 
 
 class FeatureValues(TypedDict):
-    """The 14 features; the two client attributes may be null or absent (then imputed)."""
+    """The 14 features; the three client attributes may be null or absent (then imputed)."""
 
     __pydantic_config__ = STRICT  # type: ignore[misc]
 
-    n_invoices: Annotated[float, _bounded("n_invoices")]
+    first_invoice_year: Annotated[float, _bounded("first_invoice_year")]
     history_years: Annotated[float, _bounded("history_years")]
     n_meters: Annotated[float, _bounded("n_meters")]
     abnormal_status_share: Annotated[float, _bounded("abnormal_status_share")]
@@ -174,10 +174,10 @@ class FeatureValues(TypedDict):
     mean_monthly_consumption: Annotated[float, _bounded("mean_monthly_consumption")]
     max_monthly_consumption: Annotated[float, _bounded("max_monthly_consumption")]
     consumption_trend: Annotated[float, _bounded("consumption_trend")]
-    zero_consumption_share: Annotated[float, _bounded("zero_consumption_share")]
     high_tier_share: Annotated[float, _bounded("high_tier_share")]
     mean_counter_code: Annotated[float, _bounded("mean_counter_code")]
     mean_tariff_type: Annotated[float, _bounded("mean_tariff_type")]
+    district: NotRequired[Annotated[float | None, _bounded("district")]]
     region: NotRequired[Annotated[float | None, _bounded("region")]]
     client_age_years: NotRequired[Annotated[float | None, _bounded("client_age_years")]]
 
@@ -639,31 +639,11 @@ def _history_features(
 def batch_reasons(
     values: np.ndarray, contributions: np.ndarray, typical: np.ndarray, limit: int = 3
 ) -> list[list[dict[str, Any]]]:
-    """`reasons.top_reasons` for many rows at once (same order, same cut-off, same words):
-    one argsort for the matrix instead of one per row; dicts built directly."""
-    order = np.argsort(-contributions, axis=1, kind="stable")[:, :limit]
-    top = np.take_along_axis(contributions, order, axis=1).tolist()
-    top_values = np.take_along_axis(values, order, axis=1).tolist()
-    order_list = order.tolist()
-    usual = typical.tolist()
-    out: list[list[dict[str, Any]]] = []
-    for row_order, row_top, row_values in zip(order_list, top, top_values, strict=True):
-        reasons = []
-        for index, contribution, value in zip(row_order, row_top, row_values, strict=True):
-            if contribution <= 1e-9:
-                break
-            name = FEATURE_NAMES[index]
-            reasons.append(
-                {
-                    "feature": name,
-                    "value": value,
-                    "typical": usual[index],
-                    "contribution": contribution,
-                    "text": REASON_TEXTS[name](value, usual[index]),
-                }
-            )
-        out.append(reasons)
-    return out
+    """`reasons.explain_rows` as JSON-ready dicts."""
+    return [
+        [reason.to_dict() for reason in row]
+        for row in explain_rows(values, contributions, typical, limit)
+    ]
 
 
 def score_records(
@@ -914,7 +894,7 @@ class RequestContextMiddleware:
                 **info,
             }
             log_event(request_log, logging.WARNING if status >= 500 else logging.INFO, fields)
-            if route in SCORING_ROUTES:
+            if route in SCORING_ROUTES and scope.get("method") == "POST":
                 audit(
                     route.removeprefix("/api/"),
                     caller=info.get("caller") or "unauthenticated",
@@ -1045,7 +1025,11 @@ def create_app(
             )
         return chosen
 
-    @app.get("/api/health", tags=["service"])
+    @app.get(
+        "/api/health",
+        tags=["service"],
+        responses={503: _error_ref("the model is not available (body: status, reason, error)")},
+    )
     async def health() -> Response:
         try:
             artifacts = await holder.get()
@@ -1087,7 +1071,7 @@ def create_app(
         await require_key(request)
         return Response(prometheus_text(), media_type=PROMETHEUS_CONTENT_TYPE)
 
-    @app.get("/api/model_info", tags=["model"])
+    @app.get("/api/model_info", tags=["model"], responses=_PROTECTED_GET)
     async def model_info(request: Request) -> Response:
         await require_key(request)
         artifacts = await artifacts_or_503()
@@ -1123,7 +1107,7 @@ def create_app(
             }
         )
 
-    @app.get("/api/features", tags=["model"])
+    @app.get("/api/features", tags=["model"], responses=_PROTECTED_GET)
     async def features(request: Request) -> Response:
         await require_key(request)
         from detector.schema import CLIENT_SCHEMA, INVOICE_SCHEMA, REQUIRED_INVOICE_COLUMNS
@@ -1377,6 +1361,13 @@ def _error_ref(description: str) -> dict[str, Any]:
         "description": description,
         "content": {"application/json": {"schema": _ref("ErrorResponse")}},
     }
+
+
+_PROTECTED_GET: dict[int | str, dict[str, Any]] = {
+    401: _error_ref("missing or invalid API key"),
+    429: _error_ref("over the per-caller rate limit; see Retry-After"),
+    503: _error_ref("the model is not available"),
+}
 
 
 __all__ = ["ApiError", "ModelHolder", "create_app", "score_records"]

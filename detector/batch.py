@@ -18,7 +18,7 @@ import pandas as pd
 
 from detector.features import FEATURE_NAMES, FEATURES, compute_features
 from detector.model import ArtifactSet, Scores
-from detector.reasons import top_reasons
+from detector.reasons import explain_rows
 from detector.schema import (
     CLIENT_COLUMNS,
     INVOICE_COLUMNS,
@@ -125,8 +125,8 @@ def results_frame(client_ids: pd.Index, scores: Scores, typical: np.ndarray) -> 
         reasons = [""] * len(client_ids)
     else:
         reasons = [
-            "; ".join(r.text for r in top_reasons(values, contribution, typical))
-            for values, contribution in zip(scores.features, scores.contributions, strict=True)
+            "; ".join(r.text for r in row)
+            for row in explain_rows(scores.features, scores.contributions, typical)
         ]
     return pd.DataFrame(
         {

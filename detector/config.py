@@ -7,11 +7,14 @@ same names as app settings. Nothing here has a secret as default.
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models_artifacts"
 MODEL_NAMES = ("random_forest", "logistic_regression")
+# Functions instances may write only to the temp folder; the cache lives there.
+DEFAULT_CACHE_DIR = Path(tempfile.gettempdir()) / "ptd-models"
 
 
 class ConfigError(ValueError):
@@ -43,7 +46,7 @@ class Settings:
     model_dir: Path = BUNDLED_MODEL_DIR  # PTD_MODEL_DIR: artifact folder when source is local
     model_version: str = ""  # PTD_MODEL_VERSION: pin a published version; empty = the pointer
     model_container: str = "models"  # PTD_MODEL_CONTAINER
-    model_cache_dir: Path = Path("/tmp/ptd-models")  # PTD_MODEL_CACHE_DIR
+    model_cache_dir: Path = DEFAULT_CACHE_DIR  # PTD_MODEL_CACHE_DIR
     default_model: str = "random_forest"  # PTD_DEFAULT_MODEL
     storage_connection: str = "STORAGE"  # name of the connection setting prefix (see store.py)
     batch_in_container: str = "batch-in"  # PTD_BATCH_IN_CONTAINER
@@ -55,7 +58,9 @@ class Settings:
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # PTD_API_KEYS "name:key,..."
     cors_origins: tuple[str, ...] = ()  # PTD_CORS_ORIGINS comma-separated allowlist
     log_level: str = "INFO"  # PTD_LOG_LEVEL
-    appinsights_connection: str = field(default="", repr=False)  # APPLICATIONINSIGHTS_CONNECTION_STRING
+    appinsights_connection: str = field(
+        default="", repr=False
+    )  # APPLICATIONINSIGHTS_CONNECTION_STRING
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -66,14 +71,15 @@ class Settings:
         default_model = env.get("PTD_DEFAULT_MODEL", "random_forest").strip() or "random_forest"
         if default_model not in MODEL_NAMES:
             raise ConfigError(
-                f"setting PTD_DEFAULT_MODEL={default_model!r} must be one of {', '.join(MODEL_NAMES)}"
+                f"setting PTD_DEFAULT_MODEL={default_model!r} must be one of "
+                f"{', '.join(MODEL_NAMES)}"
             )
         return cls(
             model_source=source,
             model_dir=Path(env.get("PTD_MODEL_DIR") or BUNDLED_MODEL_DIR),
             model_version=env.get("PTD_MODEL_VERSION", "").strip(),
             model_container=env.get("PTD_MODEL_CONTAINER", "models").strip() or "models",
-            model_cache_dir=Path(env.get("PTD_MODEL_CACHE_DIR") or "/tmp/ptd-models"),
+            model_cache_dir=Path(env.get("PTD_MODEL_CACHE_DIR") or DEFAULT_CACHE_DIR),
             default_model=default_model,
             batch_in_container=env.get("PTD_BATCH_IN_CONTAINER", "batch-in").strip() or "batch-in",
             batch_out_container=env.get("PTD_BATCH_OUT_CONTAINER", "batch-out").strip()

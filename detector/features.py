@@ -39,7 +39,14 @@ class FeatureSpec:
 
 
 FEATURES: tuple[FeatureSpec, ...] = (
-    FeatureSpec("n_invoices", "number of invoices in the history", "invoices", 1, 100_000, "invoices"),
+    FeatureSpec(
+        "first_invoice_year",
+        "year of the first invoice in the history (decimal: 2010.5 = July 2010)",
+        "year",
+        1900,
+        2200,
+        "invoices",
+    ),
     FeatureSpec(
         "history_years", "years from the first to the last invoice", "years", 0, 100, "invoices"
     ),
@@ -86,14 +93,6 @@ FEATURES: tuple[FeatureSpec, ...] = (
         "invoices",
     ),
     FeatureSpec(
-        "zero_consumption_share",
-        "share of invoices that billed zero consumption",
-        "fraction",
-        0,
-        1,
-        "invoices",
-    ),
-    FeatureSpec(
         "high_tier_share",
         "mean share of consumption billed in tiers 3 and 4 (invoices with consumption)",
         "fraction",
@@ -117,6 +116,7 @@ FEATURES: tuple[FeatureSpec, ...] = (
         1e15,
         "invoices",
     ),
+    FeatureSpec("district", "district code of the customer", "code", 0, 1_000_000, "client"),
     FeatureSpec("region", "region code of the customer", "code", 0, 1_000_000, "client"),
     FeatureSpec(
         "client_age_years",
@@ -135,7 +135,9 @@ def _segment_sum(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return np.add.reduceat(values, starts) if len(values) else np.zeros(0)
 
 
-def compute_features(invoices: pd.DataFrame, clients: PreparedClients | None = None) -> pd.DataFrame:
+def compute_features(
+    invoices: pd.DataFrame, clients: PreparedClients | None = None
+) -> pd.DataFrame:
     """Features per client, indexed by client_id, in the order of FEATURE_NAMES.
 
     `invoices` is `PreparedInvoices.frame`: every row valid. Clients come out sorted by id.
@@ -179,16 +181,18 @@ def compute_features(invoices: pd.DataFrame, clients: PreparedClients | None = N
     first_day = day[starts] if len(starts) else np.zeros(0)
     last_day = day[np.r_[starts[1:], len(day)] - 1] if len(starts) else np.zeros(0)
 
+    district = np.full(n_clients, np.nan)
     region = np.full(n_clients, np.nan)
     age_years = np.full(n_clients, np.nan)
     if clients is not None and len(clients.frame):
         attrs = clients.frame.reindex(pd.Index(uniques))
+        district = attrs["district"].to_numpy(dtype=np.float64)
         region = attrs["region"].to_numpy(dtype=np.float64)
         creation = attrs["creation_day"].to_numpy(dtype=np.float64)
         age_years = np.maximum(0.0, (last_day - creation) / DAYS_PER_YEAR)
 
     values = {
-        "n_invoices": counts,
+        "first_invoice_year": 1970.0 + first_day / DAYS_PER_YEAR,
         "history_years": (last_day - first_day) / DAYS_PER_YEAR,
         "n_meters": n_meters,
         "abnormal_status_share": _segment_sum(abnormal, starts) / counts,
@@ -198,7 +202,6 @@ def compute_features(invoices: pd.DataFrame, clients: PreparedClients | None = N
             np.maximum.reduceat(monthly, starts) if len(monthly) else np.zeros(0)
         ),
         "consumption_trend": trend,
-        "zero_consumption_share": 1.0 - billed_count / counts,
         "high_tier_share": np.divide(
             _segment_sum(high_share, starts),
             billed_count,
@@ -207,9 +210,8 @@ def compute_features(invoices: pd.DataFrame, clients: PreparedClients | None = N
         ),
         "mean_counter_code": _segment_sum(column("counter_code"), starts) / counts,
         "mean_tariff_type": _segment_sum(column("tarif_type"), starts) / counts,
+        "district": district,
         "region": region,
         "client_age_years": age_years,
     }
-    return pd.DataFrame(values, index=pd.Index(uniques, name="client_id"))[
-        list(FEATURE_NAMES)
-    ]
+    return pd.DataFrame(values, index=pd.Index(uniques, name="client_id"))[list(FEATURE_NAMES)]

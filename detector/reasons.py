@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,7 +21,13 @@ class Reason:
     text: str
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        return {
+            "feature": self.feature,
+            "value": self.value,
+            "typical": self.typical,
+            "contribution": self.contribution,
+            "text": self.text,
+        }
 
 
 def _pct(v: float) -> str:
@@ -42,45 +48,77 @@ def _trend(v: float, t: float) -> str:
 
 
 _TEXTS: dict[str, Callable[[float, float], str]] = {
-    "n_invoices": lambda v, t: f"{v:.0f} invoices in the history (typical customer: {t:.0f})",
+    "first_invoice_year": lambda v, t: f"billing history starts in {v:.0f} (typical: {t:.0f})",
     "history_years": lambda v, t: f"{v:.1f} years of billing history (typical: {t:.1f})",
-    "n_meters": lambda v, t: f"{v:.0f} different meters billed (typical: {t:.0f}): "
-    "meters were replaced or added",
-    "abnormal_status_share": lambda v, t: f"{_pct(v)} of invoices report the meter as not "
-    f"working normally (typical: {_pct(t)})",
-    "mean_reading_remark": lambda v, t: f"agents' reading remarks average {v:.1f} "
-    f"(typical: {t:.1f}): problems noted at readings",
-    "mean_monthly_consumption": lambda v, t: f"mean billed consumption of {v:.0f} per month is "
-    f"{_compare(v, t)} the typical {t:.0f}",
-    "max_monthly_consumption": lambda v, t: f"peak billed consumption of {v:.0f} per month is "
-    f"{_compare(v, t)} the typical {t:.0f}",
+    "n_meters": lambda v, t: (
+        f"{v:.0f} different meters billed (typical: {t:.0f}): meters were replaced or added"
+    ),
+    "abnormal_status_share": lambda v, t: (
+        f"{_pct(v)} of invoices report the meter as not working normally (typical: {_pct(t)})"
+    ),
+    "mean_reading_remark": lambda v, t: (
+        f"agents' reading remarks average {v:.1f} (typical: {t:.1f}): problems noted at readings"
+    ),
+    "mean_monthly_consumption": lambda v, t: (
+        f"mean billed consumption of {v:.0f} per month is {_compare(v, t)} the typical {t:.0f}"
+    ),
+    "max_monthly_consumption": lambda v, t: (
+        f"peak billed consumption of {v:.0f} per month is {_compare(v, t)} the typical {t:.0f}"
+    ),
     "consumption_trend": _trend,
-    "zero_consumption_share": lambda v, t: f"{_pct(v)} of invoices billed zero consumption "
-    f"(typical: {_pct(t)})",
-    "high_tier_share": lambda v, t: f"{_pct(v)} of consumption billed in the top tiers "
-    f"(typical: {_pct(t)})",
-    "mean_counter_code": lambda v, t: f"meter model codes (mean {v:.0f}) of a kind with more "
-    "confirmed fraud in the training data",
-    "mean_tariff_type": lambda v, t: f"tariff codes (mean {v:.0f}) of a kind with more "
-    "confirmed fraud in the training data",
+    "high_tier_share": lambda v, t: (
+        f"{_pct(v)} of consumption billed in the top tiers (typical: {_pct(t)})"
+    ),
+    "mean_counter_code": lambda v, t: (
+        f"meter model codes (mean {v:.0f}) of a kind with more confirmed fraud in the training data"
+    ),
+    "mean_tariff_type": lambda v, t: (
+        f"tariff codes (mean {v:.0f}) of a kind with more confirmed fraud in the training data"
+    ),
+    "district": lambda v, t: f"district {v:.0f} has more confirmed fraud in the training data",
     "region": lambda v, t: f"region {v:.0f} has more confirmed fraud in the training data",
-    "client_age_years": lambda v, t: f"customer for {v:.1f} years at the last invoice "
-    f"(typical: {t:.1f})",
+    "client_age_years": lambda v, t: (
+        f"customer for {v:.1f} years at the last invoice (typical: {t:.1f})"
+    ),
 }
 assert set(_TEXTS) == set(FEATURE_NAMES)
+# For codes "typical" means nothing; for the other features a value equal to the typical one
+# cannot explain a high score, whatever the trees did with it.
+_CODES = frozenset({"district", "region", "mean_counter_code", "mean_tariff_type"})
+_CODE_COLUMNS = [i for i, name in enumerate(FEATURE_NAMES) if name in _CODES]
+
+
+def explain_rows(
+    values: np.ndarray, contributions: np.ndarray, typical: np.ndarray, limit: int = 3
+) -> list[list[Reason]]:
+    """For each row, the features that pushed its score up the most, largest first.
+
+    One argsort for the whole matrix: batch scoring explains thousands of rows per request.
+    """
+    values = np.atleast_2d(values)
+    pushes = np.array(np.atleast_2d(contributions), dtype=np.float64, copy=True)
+    equal = np.abs(values - typical) <= 1e-9 * np.maximum(1.0, np.abs(typical))
+    equal[:, _CODE_COLUMNS] = False
+    pushes[equal | ~(pushes > 1e-9)] = -np.inf
+    order = np.argsort(-pushes, axis=1, kind="stable")[:, :limit]
+    top = np.take_along_axis(pushes, order, axis=1).tolist()
+    top_values = np.take_along_axis(values, order, axis=1).tolist()
+    usual = typical.tolist()
+    rows: list[list[Reason]] = []
+    for row_order, row_top, row_values in zip(order.tolist(), top, top_values, strict=True):
+        reasons = []
+        for index, contribution, value in zip(row_order, row_top, row_values, strict=True):
+            if contribution == -np.inf:
+                break
+            name = FEATURE_NAMES[index]
+            text = _TEXTS[name](value, usual[index])
+            reasons.append(Reason(name, value, usual[index], contribution, text))
+        rows.append(reasons)
+    return rows
 
 
 def top_reasons(
     values: np.ndarray, contributions: np.ndarray, typical: np.ndarray, limit: int = 3
 ) -> list[Reason]:
-    """The features that pushed this one customer's score up the most, largest first."""
-    order = np.argsort(-contributions, kind="stable")[:limit]
-    reasons = []
-    for index in order:
-        contribution = float(contributions[index])
-        if contribution <= 1e-9:
-            break
-        name = FEATURE_NAMES[index]
-        value, usual = float(values[index]), float(typical[index])
-        reasons.append(Reason(name, value, usual, contribution, _TEXTS[name](value, usual)))
-    return reasons
+    """The features that pushed one customer's score up the most, largest first."""
+    return explain_rows(values, contributions, typical, limit)[0]

@@ -72,7 +72,10 @@ CLIENT_SCHEMA: dict[str, dict[str, str]] = {
         "type": "date",
         "meaning": "date the customer joined, dd/mm/yyyy or yyyy-mm-dd; imputed when missing",
     },
-    "disrict": {"type": "integer", "meaning": "optional: district code (source's spelling)"},
+    "disrict": {
+        "type": "integer",
+        "meaning": "district code (source's spelling); imputed if missing",
+    },
     "client_catg": {"type": "integer", "meaning": "optional: client category"},
 }
 
@@ -97,7 +100,9 @@ class Rejects:
         return len(self.rows)
 
     def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame({"row": self.rows, "client_id": self.client_ids, "reason": self.reasons})
+        return pd.DataFrame(
+            {"row": self.rows, "client_id": self.client_ids, "reason": self.reasons}
+        )
 
     def counts(self) -> dict[str, int]:
         """Rejected rows by reason (the reason's text up to the first colon)."""
@@ -123,12 +128,13 @@ def _through_uniques(series: pd.Series, transform: Callable[[pd.Series], pd.Seri
     """Apply a string transform to the distinct values only; exports repeat values heavily."""
     codes, uniques = pd.factorize(series, use_na_sentinel=True)
     mapped = transform(pd.Series(uniques, dtype=object).astype("string"))
-    out = mapped.take(np.where(codes < 0, 0, codes)) if len(mapped) else pd.Series(
-        [pd.NA] * len(series), dtype="string"
+    out = (
+        mapped.take(np.where(codes < 0, 0, codes))
+        if len(mapped)
+        else pd.Series([pd.NA] * len(series), dtype="string")
     )
     out = out.reset_index(drop=True).astype("string")
-    out[codes < 0] = pd.NA
-    return out
+    return out.mask(codes < 0)
 
 
 def _client_ids(series: pd.Series) -> tuple[pd.Series, np.ndarray]:
@@ -163,7 +169,9 @@ def parse_dates(series: pd.Series, day_first: bool = False) -> np.ndarray:
         parsed = parsed.fillna(pd.to_datetime(text, format="%d/%m/%Y", errors="coerce"))
     unique_days = parsed.to_numpy(dtype="datetime64[ns]").astype("datetime64[D]").astype(np.float64)
     unique_days[pd.isna(parsed).to_numpy()] = np.nan
-    days = unique_days[np.where(codes < 0, 0, codes)] if len(uniques) else np.full(len(codes), np.nan)
+    days = (
+        unique_days[np.where(codes < 0, 0, codes)] if len(uniques) else np.full(len(codes), np.nan)
+    )
     days[codes < 0] = np.nan
     return days
 
@@ -238,7 +246,7 @@ def prepare_invoices(raw: pd.DataFrame, row_offset: int = 0) -> PreparedInvoices
 class PreparedClients:
     """Client attributes by client_id: region code and creation day (NaN where missing)."""
 
-    frame: pd.DataFrame  # index client_id; columns region, creation_day
+    frame: pd.DataFrame  # index client_id; columns district, region, creation_day
     rejects: Rejects
 
 
@@ -246,7 +254,7 @@ def prepare_clients(raw: pd.DataFrame | None) -> PreparedClients:
     """Validate client attributes. A bad value is reported and treated as missing (imputed)."""
     if raw is None or len(raw) == 0:
         empty = pd.DataFrame(
-            {"region": pd.Series(dtype=float), "creation_day": pd.Series(dtype=float)},
+            {name: pd.Series(dtype=float) for name in ("district", "region", "creation_day")},
             index=pd.Index([], name="client_id", dtype="string"),
         )
         return PreparedClients(empty, Rejects.empty())
@@ -255,13 +263,16 @@ def prepare_clients(raw: pd.DataFrame | None) -> PreparedClients:
     client_id, bad_id = _client_ids(raw["client_id"])
     reasons = np.full(n, "", dtype=object)
     reasons[bad_id] = "missing client_id"
-    region = _numbers(raw["region"]).copy() if "region" in raw.columns else np.full(n, np.nan)
-    if "region" in raw.columns:
-        given = raw["region"].notna().to_numpy()
-        bad_region = given & ~np.isfinite(region)
-        bad_region |= np.isfinite(region) & ((region < 0) | (region > 1_000_000))
-        reasons[bad_region & (reasons == "")] = "invalid region: not a code; imputed"
-        region[bad_region] = np.nan
+    codes = {}
+    for column in ("disrict", "region"):
+        values = _numbers(raw[column]).copy() if column in raw.columns else np.full(n, np.nan)
+        if column in raw.columns:
+            given = raw[column].notna().to_numpy()
+            bad = given & ~np.isfinite(values)
+            bad |= np.isfinite(values) & ((values < 0) | (values > 1_000_000))
+            reasons[bad & (reasons == "")] = f"invalid {column}: not a code; imputed"
+            values[bad] = np.nan
+        codes[column] = values
     if "creation_date" in raw.columns:
         creation = parse_dates(raw["creation_date"], day_first=True)
         given = raw["creation_date"].notna().to_numpy()
@@ -273,7 +284,11 @@ def prepare_clients(raw: pd.DataFrame | None) -> PreparedClients:
     reasons[duplicated & (reasons == "")] = "duplicate client_id: first row used"
     keep = ~bad_id & ~duplicated
     frame = pd.DataFrame(
-        {"region": region[keep], "creation_day": creation[keep]},
+        {
+            "district": codes["disrict"][keep],
+            "region": codes["region"][keep],
+            "creation_day": creation[keep],
+        },
         index=pd.Index(client_id[keep], name="client_id"),
     )
     flagged = reasons != ""

@@ -88,10 +88,10 @@ def load_dataset(data_dir: Path) -> Dataset:
     labels = labels_by_client.reindex(features.index)
     labelled = labels.notna().to_numpy() & labels.isin([0, 1]).to_numpy()
     summary = {
-        "clients": int(len(raw_clients)),
+        "clients": len(raw_clients),
         "invoice_rows_rejected": len(invoices.rejects),
         "invoice_rows_rejected_by_reason": invoices.rejects.counts(),
-        "clients_with_invoices": int(len(features)),
+        "clients_with_invoices": len(features),
         "clients_without_label": int((~labelled).sum()),
         "clients_without_invoices": int(len(labels_by_client) - labelled.sum()),
     }
@@ -230,8 +230,11 @@ def train(
         fitted[name] = final
         holdout_scores = final.predict_proba(s_test)[:, 1]
         results["models"][name] = {
-            "params": {k: v for k, v in final.get_params().items() if k in
-                       (*FOREST_PARAMS, *LOGISTIC_PARAMS, "random_state")},
+            "params": {
+                k: v
+                for k, v in final.get_params().items()
+                if k in (*FOREST_PARAMS, *LOGISTIC_PARAMS, "random_state")
+            },
             "cross_validation": {
                 "folds": cv_folds,
                 "roc_auc_mean": round(float(np.mean(fold_auc)), 5),
@@ -250,7 +253,9 @@ def train(
             "risk_cutoffs": cutoffs,
             "risk_bands": "elevated: top 20%, high: top 5%, critical: top 1% of out-of-fold scores",
         }
-        log.info("trained %s: holdout ROC-AUC %.4f", name, results["models"][name]["holdout"]["roc_auc"])
+        log.info(
+            "trained %s: holdout ROC-AUC %.4f", name, results["models"][name]["holdout"]["roc_auc"]
+        )
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -262,7 +267,7 @@ def train(
     }
     content = hashlib.sha256()
     for name, arrays in compiled.items():
-        np.savez_compressed(out_dir / f"{name}.npz", **arrays)
+        np.savez_compressed(out_dir / f"{name}.npz", **arrays)  # type: ignore[arg-type]
         joblib.dump(fitted[name], out_dir / f"{name}.joblib", compress=3)
         for key in sorted(arrays):
             content.update(arrays[key].tobytes())
@@ -283,7 +288,7 @@ def train(
             "trained_at": created.isoformat(timespec="seconds"),
             "data": {**data.summary, "fingerprint_sha256": data.fingerprint},
             "split": {
-                "method": "stratified by label, per client (all of a client's invoices on one side)",
+                "method": "stratified by label, per client: all of its invoices on one side",
                 "holdout_share": HOLDOUT_SHARE,
                 "train_clients": len(train_idx),
                 "holdout_clients": len(test_idx),

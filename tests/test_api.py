@@ -29,7 +29,7 @@ from tests.synthetic import make_steg
 
 KEY = "k" * 24
 FEATURES_BODY = {
-    "n_invoices": 12,
+    "first_invoice_year": 2012.5,
     "history_years": 3.5,
     "n_meters": 2,
     "abnormal_status_share": 0.25,
@@ -37,10 +37,10 @@ FEATURES_BODY = {
     "mean_monthly_consumption": 90.0,
     "max_monthly_consumption": 400,
     "consumption_trend": 0.3,
-    "zero_consumption_share": 0.1,
     "high_tier_share": 0.0,
     "mean_counter_code": 203,
     "mean_tariff_type": 11,
+    "district": 60,
     "region": 101,
     "client_age_years": 12.0,
 }
@@ -175,7 +175,7 @@ def test_openapi_and_docs(client: TestClient) -> None:
     request = schema["paths"]["/api/predict"]["post"]["requestBody"]
     assert request["content"]["application/json"]["schema"]["$ref"].endswith("/PredictRequest")
     components = schema["components"]["schemas"]
-    assert components["FeatureValues"]["properties"]["n_invoices"]["maximum"] == 100_000
+    assert components["FeatureValues"]["properties"]["first_invoice_year"]["maximum"] == 2200
     assert components["FeatureValues"]["additionalProperties"] is False
     assert components["BatchRequest"]["properties"]["records"]["maxItems"] == 10_000
     docs = client.get("/api/docs")
@@ -251,7 +251,7 @@ def test_batch_keeps_order_and_scores_around_bad_records(
     bad_history["invoices"][2]["consommation_level_2"] = -3
     records = [
         {"customer_id": "f0", "features": FEATURES_BODY},
-        {"customer_id": "f1", "features": {**FEATURES_BODY, "n_invoices": 1e12}},
+        {"customer_id": "f1", "features": {**FEATURES_BODY, "first_invoice_year": 1e12}},
         "not a record",
         bad_history,
         good_history,
@@ -266,7 +266,7 @@ def test_batch_keeps_order_and_scores_around_bad_records(
     assert (body["scored"], body["failed"]) == (3, 4)
     errors = {r["index"]: r["error"]["location"] for r in results if "error" in r}
     assert errors == {
-        1: "records[1].features.n_invoices",
+        1: "records[1].features.first_invoice_year",
         2: "records[2]",
         3: "records[3].invoices[2].consommation_level_2",
         6: "records[6].features",
@@ -344,8 +344,10 @@ def test_batch_reasons_match_top_reasons(tiny_artifacts: ArtifactSet) -> None:
 
 
 def test_wrong_type_is_422(client: TestClient) -> None:
-    bad = {"customer_id": "c", "features": {**FEATURES_BODY, "n_invoices": "12"}}
-    assert_error(post(client, "/api/predict", bad), 422, "features.n_invoices", "invalid_value")
+    bad = {"customer_id": "c", "features": {**FEATURES_BODY, "first_invoice_year": "12"}}
+    assert_error(
+        post(client, "/api/predict", bad), 422, "features.first_invoice_year", "invalid_value"
+    )
     bad = {"customer_id": "c", "features": {**FEATURES_BODY, "history_years": True}}
     assert_error(post(client, "/api/predict", bad), 422, "features.history_years")
     assert_error(

@@ -52,15 +52,15 @@ def test_feature_specs_are_complete_and_ordered() -> None:
 
 def test_one_invoice_client() -> None:
     f = features_of([invoice("a", "2015-03-01", 400, 0, 100, 0, months_number=4)]).loc["a"]
-    assert f["n_invoices"] == 1
+    assert f["first_invoice_year"] == pytest.approx(1970 + 16495 / 365.25)  # 2015-03-01
     assert f["history_years"] == 0
     assert f["n_meters"] == 1
     assert f["mean_monthly_consumption"] == pytest.approx(500 / 4)
     assert f["max_monthly_consumption"] == pytest.approx(125)
     assert f["consumption_trend"] == 1.0  # nothing earlier to compare with
-    assert f["zero_consumption_share"] == 0
     assert f["high_tier_share"] == pytest.approx(100 / 500)
-    assert math.isnan(f["region"]) and math.isnan(f["client_age_years"])  # no client attributes
+    for attribute in ("district", "region", "client_age_years"):  # no client attributes given
+        assert math.isnan(f[attribute])
 
 
 def test_trend_compares_latest_quarter_with_earlier_invoices() -> None:
@@ -80,8 +80,8 @@ def test_zero_and_negative_index_differences_are_kept() -> None:
         invoice("a", "2015-05-01", 120, old_index=500, new_index=300),
     ]
     f = features_of(rows).loc["a"]
-    assert f["n_invoices"] == 2
-    assert f["zero_consumption_share"] == 0.5
+    assert f["mean_monthly_consumption"] == pytest.approx((0 + 30) / 2)
+    assert f["consumption_trend"] == pytest.approx((30 + 1) / (0 + 1))
     assert f["high_tier_share"] == 0  # only the billed invoice counts, and it has no tier 3/4
 
 
@@ -96,34 +96,68 @@ def test_months_number_is_clipped_to_a_sane_range() -> None:
 
 def test_gas_only_client_and_meter_status_and_remarks() -> None:
     rows = [
-        invoice("g", "2015-01-01", 30, counter_type="GAZ", counter_statue="0", counter_code=5,
-                tarif_type=40, reading_remarque=6, counter_number=7),
-        invoice("g", "2015-05-01", 0, counter_type="GAZ", counter_statue="1", counter_code=5,
-                tarif_type=40, reading_remarque=9, counter_number=8),
-        invoice("g", "2015-09-01", 0, counter_type="GAZ", counter_statue="A", counter_code=5,
-                tarif_type=40, reading_remarque=9, counter_number=8),
+        invoice(
+            "g",
+            "2015-01-01",
+            30,
+            counter_type="GAZ",
+            counter_statue="0",
+            counter_code=5,
+            tarif_type=40,
+            reading_remarque=6,
+            counter_number=7,
+        ),
+        invoice(
+            "g",
+            "2015-05-01",
+            0,
+            counter_type="GAZ",
+            counter_statue="1",
+            counter_code=5,
+            tarif_type=40,
+            reading_remarque=9,
+            counter_number=8,
+        ),
+        invoice(
+            "g",
+            "2015-09-01",
+            0,
+            counter_type="GAZ",
+            counter_statue="A",
+            counter_code=5,
+            tarif_type=40,
+            reading_remarque=9,
+            counter_number=8,
+        ),
     ]
     f = features_of(rows).loc["g"]
     assert f["n_meters"] == 2
     assert f["abnormal_status_share"] == pytest.approx(2 / 3)
     assert f["mean_reading_remark"] == pytest.approx(8)
-    assert f["zero_consumption_share"] == pytest.approx(2 / 3)
+    assert f["mean_monthly_consumption"] == pytest.approx(30 / 4 / 3)
     assert f["mean_counter_code"] == 5 and f["mean_tariff_type"] == 40
 
 
 def test_status_zero_spelled_as_number_is_working() -> None:
-    rows = [invoice("a", "2015-01-01", 10, counter_statue=0),
-            invoice("a", "2015-02-01", 10, counter_statue="0.0")]
+    rows = [
+        invoice("a", "2015-01-01", 10, counter_statue=0),
+        invoice("a", "2015-02-01", 10, counter_statue="0.0"),
+    ]
     assert features_of(rows).loc["a", "abnormal_status_share"] == 0
 
 
 def test_client_attributes_region_and_age() -> None:
     rows = [invoice("a", "2015-01-01", 10), invoice("b", "2010-01-01", 10)]
     clients = pd.DataFrame(
-        {"client_id": ["a", "b"], "region": [101, 301], "creation_date": ["01/01/2005", "2011-01-01"]}
+        {
+            "client_id": ["a", "b"],
+            "disrict": [60, 69],
+            "region": [101, 301],
+            "creation_date": ["01/01/2005", "2011-01-01"],
+        }
     )
     f = features_of(rows, clients)
-    assert f.loc["a", "region"] == 101
+    assert f.loc["a", "region"] == 101 and f.loc["b", "district"] == 69
     assert f.loc["a", "client_age_years"] == pytest.approx(3652 / 365.25)
     assert f.loc["b", "client_age_years"] == 0  # created after the last invoice: clipped
 
@@ -132,7 +166,8 @@ def test_missing_client_attributes_stay_missing_for_imputation() -> None:
     rows = [invoice("a", "2015-01-01", 10), invoice("b", "2015-01-01", 10)]
     clients = pd.DataFrame({"client_id": ["a"], "region": [None], "creation_date": [None]})
     f = features_of(rows, clients)
-    assert np.isnan(f.loc[["a", "b"], ["region", "client_age_years"]].to_numpy()).all()
+    attributes = ["district", "region", "client_age_years"]
+    assert np.isnan(f.loc[["a", "b"], attributes].to_numpy()).all()
 
 
 def test_clients_come_out_sorted_with_all_features() -> None:
@@ -173,14 +208,20 @@ def test_bad_rows_are_rejected_with_reason_and_the_rest_kept() -> None:
 
 
 def test_missing_columns_are_named() -> None:
-    frame = pd.DataFrame([invoice("a", "2015-01-01", 1)]).drop(columns=["months_number", "tarif_type"])
+    frame = pd.DataFrame([invoice("a", "2015-01-01", 1)]).drop(
+        columns=["months_number", "tarif_type"]
+    )
     with pytest.raises(InputError, match="months_number"):
         prepare_invoices(frame)
 
 
 def test_invalid_client_attribute_is_reported_and_imputed() -> None:
     clients = pd.DataFrame(
-        {"client_id": ["a", "a", "b"], "region": ["x", 1, 2], "creation_date": ["31/02/2001", None, "bad"]}
+        {
+            "client_id": ["a", "a", "b"],
+            "region": ["x", 1, 2],
+            "creation_date": ["31/02/2001", None, "bad"],
+        }
     )
     prepared = prepare_clients(clients)
     assert list(prepared.frame.index) == ["a", "b"]

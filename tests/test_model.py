@@ -98,7 +98,7 @@ def test_missing_file_is_named(tiny_artifacts_dir: Path, tmp_path: Path) -> None
 def test_missing_manifest_and_folder(tiny_artifacts_dir: Path, tmp_path: Path) -> None:
     folder = copy_set(tiny_artifacts_dir, tmp_path)
     (folder / MANIFEST).unlink()
-    with pytest.raises(ModelError, match="no manifest.json"):
+    with pytest.raises(ModelError, match=r"no manifest\.json"):
         ArtifactSet(folder)
     with pytest.raises(ModelError, match="does not exist"):
         ArtifactSet(tmp_path / "nowhere")
@@ -132,7 +132,7 @@ def test_serving_files_cannot_execute_code(tiny_artifacts_dir: Path, tmp_path: P
 
     manifest["files"]["scaler.npz"] = sha256_file(folder / "scaler.npz")
     (folder / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(ModelError, match="cannot read scaler.npz"):
+    with pytest.raises(ModelError, match=r"cannot read scaler\.npz"):
         ArtifactSet(folder)
 
 
