@@ -12,11 +12,15 @@ import numpy as np
 import pandas as pd
 
 
-def make_steg(n_clients: int = 400, seed: int = 0, fraud_rate: float = 0.2) -> tuple[pd.DataFrame, pd.DataFrame]:
+def make_steg(
+    n_clients: int = 400, seed: int = 0, fraud_rate: float = 0.2
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     rng = np.random.default_rng(seed)
     ids = [f"c{i:05d}" for i in range(n_clients)]
     target = (rng.random(n_clients) < fraud_rate).astype(float)
-    creation = pd.to_datetime("1990-01-01") + pd.to_timedelta(rng.integers(0, 9000, n_clients), unit="D")
+    creation = pd.to_datetime("1990-01-01") + pd.to_timedelta(
+        rng.integers(0, 9000, n_clients), unit="D"
+    )
     clients = pd.DataFrame(
         {
             "disrict": rng.choice([60, 62, 63, 69], n_clients),

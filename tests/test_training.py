@@ -40,8 +40,15 @@ def test_results_report_the_metrics_a_utility_needs(tiny_artifacts_dir: Path) ->
     for name in ("random_forest", "logistic_regression"):
         entry = results["models"][name]
         holdout = entry["holdout"]
-        for key in ("roc_auc", "pr_auc", "precision_at_threshold", "recall_at_threshold",
-                    "precision_top_1pct", "precision_top_5pct", "calibration"):
+        for key in (
+            "roc_auc",
+            "pr_auc",
+            "precision_at_threshold",
+            "recall_at_threshold",
+            "precision_top_1pct",
+            "precision_top_5pct",
+            "calibration",
+        ):
             assert key in holdout
         assert 0.5 < holdout["roc_auc"] <= 1.0  # the fixture's signal is learnable
         assert entry["cross_validation"]["folds"] == 3
@@ -49,12 +56,16 @@ def test_results_report_the_metrics_a_utility_needs(tiny_artifacts_dir: Path) ->
     assert results["split"]["holdout_clients"] + results["split"]["train_clients"] == 300
 
 
-def test_training_is_deterministic(synthetic_dir: Path, tmp_path: Path, tiny_artifacts: ArtifactSet) -> None:
+def test_training_is_deterministic(
+    synthetic_dir: Path, tmp_path: Path, tiny_artifacts: ArtifactSet
+) -> None:
     out = tmp_path / "again"
     train(synthetic_dir, out, cv_folds=3, n_jobs=1, forest_params={"n_estimators": 15})
     again = ArtifactSet(out)
     assert again.version == tiny_artifacts.version
-    values = np.random.default_rng(0).normal(size=(200, 14)) * tiny_artifacts.scale + tiny_artifacts.mean
+    values = (
+        np.random.default_rng(0).normal(size=(200, 14)) * tiny_artifacts.scale + tiny_artifacts.mean
+    )
     for name in tiny_artifacts.model_names:
         np.testing.assert_array_equal(
             again.score(values, name).probability, tiny_artifacts.score(values, name).probability
