@@ -82,10 +82,6 @@ _TEXTS: dict[str, Callable[[float, float], str]] = {
     ),
 }
 assert set(_TEXTS) == set(FEATURE_NAMES)
-# For codes "typical" means nothing; for the other features a value equal to the typical one
-# cannot explain a high score, whatever the trees did with it.
-_CODES = frozenset({"district", "region", "mean_counter_code", "mean_tariff_type"})
-_CODE_COLUMNS = [i for i, name in enumerate(FEATURE_NAMES) if name in _CODES]
 
 
 def explain_rows(
@@ -97,8 +93,9 @@ def explain_rows(
     """
     values = np.atleast_2d(values)
     pushes = np.array(np.atleast_2d(contributions), dtype=np.float64, copy=True)
+    # A value equal to the typical customer's cannot explain why this one scores high, whatever
+    # the trees did with it (interactions): it is never given as a reason.
     equal = np.abs(values - typical) <= 1e-9 * np.maximum(1.0, np.abs(typical))
-    equal[:, _CODE_COLUMNS] = False
     pushes[equal | ~(pushes > 1e-9)] = -np.inf
     order = np.argsort(-pushes, axis=1, kind="stable")[:, :limit]
     top = np.take_along_axis(pushes, order, axis=1).tolist()

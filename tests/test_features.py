@@ -234,3 +234,16 @@ def test_invalid_client_attribute_is_reported_and_imputed() -> None:
 def test_empty_input_gives_no_clients() -> None:
     prepared = prepare_invoices(pd.DataFrame([invoice("a", "2015-01-01", 1)]).iloc[:0])
     assert compute_features(prepared.frame).empty
+
+
+def test_reasons_skip_typical_values_and_name_the_biggest_push() -> None:
+    from detector.reasons import explain_rows
+
+    typical = np.arange(14, dtype=float)
+    values = typical.copy()
+    values[[2, 5]] += 1.0  # only these two differ from the typical customer
+    contributions = np.zeros(14)
+    contributions[[0, 2, 5, 7]] = [0.5, 0.1, 0.3, -0.2]  # feature 0 pushes most but is typical
+    (reasons,) = explain_rows(values[None], contributions[None], typical)
+    assert [r.feature for r in reasons] == [FEATURE_NAMES[5], FEATURE_NAMES[2]]
+    assert all(r.text for r in reasons)
