@@ -148,6 +148,7 @@ def machine() -> dict[str, Any]:
         ).stdout.strip()
     except OSError:
         commit = ""
+    commit = commit or os.environ.get("BENCH_COMMIT", "")  # a copy of the tree without .git
     return {
         "cores": os.cpu_count(),
         "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),

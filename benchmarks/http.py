@@ -238,7 +238,7 @@ def run(rows: np.ndarray, cfg: dict[str, Any], tmp: Path) -> tuple[list[Row], di
     }
     runs, secs = cfg["http_runs"], cfg["http_seconds"]
 
-    with server("benchmarks.bare:create_app") as (bare_url, _):
+    with server("benchmarks.bare:create_app") as (bare_url, bare_process):
         with httpx.Client(base_url=bare_url) as client:
             k = {"i": 0}
             bare_get = measure(lambda: client.get("/"), runs=runs, warmup=100, max_seconds=secs)
@@ -248,7 +248,11 @@ def run(rows: np.ndarray, cfg: dict[str, Any], tmp: Path) -> tuple[list[Row], di
                 k["i"] += 1
 
             bare_post_stats = measure(bare_post, runs=runs, warmup=100, max_seconds=secs)
+        bare_proc = psutil.Process(bare_process.pid)
+        cpu0 = sum(bare_proc.cpu_times()[:2])
         bare_load = load(bare_url, [_request(bare_url + "/", singles[0])], 8, cfg["load_seconds"])
+        bare_cpu = (sum(bare_proc.cpu_times()[:2]) - cpu0) / max(1, bare_load["requests"])
+        extra["cpu_per_bare"] = bare_cpu
 
     env = {"PTD_MODEL_SOURCE": "local", "PTD_LOG_LEVEL": "INFO"}
     with server("detector.api:create_app", env, tmp / "api-server.log") as (url, process):
@@ -370,7 +374,8 @@ def run(rows: np.ndarray, cfg: dict[str, Any], tmp: Path) -> tuple[list[Row], di
                 ratio=f"{res['per_minute'] / bare_load['per_minute']:.2f}x bare",
                 goal="0 errors",
                 met=yes_no(res["n_errors"] == 0),
-                note=f"{res['requests']:,} requests, errors: {res['errors'] or 0}",
+                note=f"{res['requests']:,} requests, errors: {res['errors'] or 0}; server CPU "
+                f"{ms(res['server_cpu_per_request'])}/request (bare ASGI {ms(bare_cpu)})",
             )
         )
     for size, res in batch_loads.items():

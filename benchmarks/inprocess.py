@@ -119,7 +119,8 @@ def batches(
                 f"sklearn/ours {stats['sklearn'].p50 / stats['ours'].p50:.1f}x",
                 goal="10k < 1 s" if size >= 10_000 else "",
                 met=yes_no(stats["ours"].p50 < 1) if size >= 10_000 else "",
-                note=f"probability only: p50 {ms(stats['ours_prob'].p50)}",
+                note=f"probability only: p50 {ms(stats['ours_prob'].p50)}; ours 1 thread, "
+                f"sklearn n_jobs={refs.forest.n_jobs} ({threads} cores)",
                 data={k: v.to_dict() for k, v in stats.items()},
             )
         )
