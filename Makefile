@@ -7,7 +7,7 @@ DATA ?= ../shared/data/steg
 HOST ?= 127.0.0.1
 PORT ?= 7071
 
-.PHONY: run test lint format typecheck train bench azurite clean
+.PHONY: run test lint format typecheck train bench azurite clean security loadtest
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11'"; exit 1; }
@@ -32,6 +32,17 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+
+# Static security scan of the served code (clean = no finding at any severity). The dependency
+# audit (pip-audit --strict) runs in .github/workflows/ci.yml: it needs the vulnerability database.
+security: $(STAMP)
+	$(VENV)/bin/bandit -r detector function_app.py -q
+
+# Bounded load test on 127.0.0.1: concurrent clients for LOAD_SECONDS; fails on any error.
+LOAD_SECONDS ?= 20
+LOAD_CLIENTS ?= 16
+loadtest: $(STAMP)
+	$(PY) -m benchmarks.loadtest --seconds $(LOAD_SECONDS) --clients $(LOAD_CLIENTS)
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .

@@ -156,7 +156,7 @@ def compute_features(
         return invoices[name].to_numpy(dtype=np.float64)[order]
 
     consumption = sum(column(name) for name in CONSUMPTION_COLUMNS)
-    assert isinstance(consumption, np.ndarray)
+    assert isinstance(consumption, np.ndarray)  # type narrowing  # nosec B101
     months = np.clip(column("months_number"), MIN_MONTHS, MAX_MONTHS)
     monthly = consumption / months
     high_tier = column("consommation_level_3") + column("consommation_level_4")

@@ -73,7 +73,7 @@ def _retry_policy(retry_total: int) -> Any:
 
         def get_backoff_time(self, settings: dict[str, Any]) -> float:
             base = min(RETRY_INITIAL_BACKOFF * 2 ** settings["count"], RETRY_MAX_BACKOFF)
-            return float(base * random.uniform(0.75, 1.25))  # noqa: S311 (jitter, not crypto)
+            return float(base * random.uniform(0.75, 1.25))  # noqa: S311 (jitter, not crypto)  # nosec B311
 
     return _Backoff(retry_total=retry_total)
 
