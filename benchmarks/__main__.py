@@ -392,18 +392,26 @@ def _where(extra: dict[str, Any]) -> list[str]:
             f"Server CPU per request: **{cpu * 1000:.2f} ms** (psutil, user+system, "
             f"all threads). py-spy sampled the server at 250 Hz ({summary['samples']:,} "
             "samples); each sample is charged to the innermost frame that names an owner "
-            "(numpy/pandas calls count for their caller).",
+            "(numpy/pandas calls count for their caller). py-spy counts a thread as busy "
+            "while it is runnable, so on a loaded machine a share is of busy wall time, not "
+            "strictly CPU: the socket send in particular includes waiting for a core (the bare "
+            f"ASGI server's whole request costs {_cpu(http.get('cpu_per_bare'))} of CPU, "
+            "send included).",
             "",
             "| Where | share of samples | ≈ CPU ms per request (share x CPU) |",
             "|---|---|---|",
         ]
         lines += [f"| {name} | {share:.0%} | {share * cpu * 1000:.2f} |" for name, share in buckets]
-        lines += ["", "Functions with the most samples (inclusive):", ""]
+        lines += ["", "Our functions (detector/) with the most samples (inclusive):", ""]
         lines += [f"- {share:.0%} {_cell(name)}" for name, share in summary["inclusive"][:10]]
         lines += ["", "Self time:", ""]
         lines += [f"- {share:.0%} {_cell(name)}" for name, share in summary["self"][:8]]
         lines.append("")
     return lines
+
+
+def _cpu(seconds: float | None) -> str:
+    return ms(seconds) if seconds is not None else "n/a"
 
 
 def main(argv: list[str] | None = None) -> int:
