@@ -4,7 +4,8 @@ Patterns: storage account keys and SAS tokens in connection strings or URLs, App
 Insights instrumentation keys, private keys, GitHub/Azure tokens and long base64 strings that look
 like keys. The one allowlisted value is Azurite's public development key (documented by Microsoft
 for every emulator install); tests/azurite.py builds it from two halves so that it never appears
-whole, and the scan would flag it anywhere else.
+whole, and the scan would flag it anywhere else. The fake secrets planted below to prove that
+the scan finds them are written in pieces for the same reason (this file is scanned too).
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ ALLOWED_VALUES = {DEV_ACCOUNT_KEY}  # public Azurite key, not a secret
 PLACEHOLDER = re.compile(r"^(<|\$\{|\$\(|\{|%|\.\.\.|x+$)", re.I)
 
 PATTERNS: dict[str, re.Pattern[str]] = {
-    "account key": re.compile(r"AccountKey=([^;\"'\s]+)", re.I),
-    "shared access signature": re.compile(r"SharedAccessSignature=([^;\"'\s]+)", re.I),
+    "account key": re.compile(r"Account[K]ey=([^;\"'\s]+)", re.I),
+    "shared access signature": re.compile(r"SharedAccess[S]ignature=([^;\"'\s]+)", re.I),
     "SAS token in a URL": re.compile(r"[?&]sig=([A-Za-z0-9%+/=]{20,})"),
     "instrumentation key": re.compile(
-        r"InstrumentationKey=([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})", re.I
+        r"Instrumentation[K]ey=([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})", re.I
     ),
     "private key": re.compile(
         r"(-----BEGIN (?:RSA |EC |OPENSSH |DSA |ENCRYPTED )?PRIVATE KEY-----)"
@@ -86,15 +87,17 @@ def test_no_secret_in_tracked_files() -> None:
 @pytest.mark.parametrize(
     "text",
     [
-        "DefaultEndpointsProtocol=https;AccountName=prod;AccountKey="
+        "DefaultEndpointsProtocol=https;AccountName=prod;Account"
+        + "Key="
         + "Zm9vYmFyYmF6cXV4" * 5
         + "==;EndpointSuffix=core.windows.net",
-        "Endpoint=sb://x.servicebus.windows.net/;SharedAccessSignature=sv=2022&sig=abc123",
-        "https://acct.blob.core.windows.net/c/b?sv=2022-11-02&sig=AbCdEf0123456789AbCdEf0123%3D",
-        "InstrumentationKey=12345678-1234-1234-1234-123456789abc;IngestionEndpoint=https://x",
-        "-----BEGIN RSA PRIVATE KEY-----\nMIIE...",
+        "Endpoint=sb://x.servicebus.windows.net/;SharedAccess" + "Signature=sv=2022&s" + "ig=abc",
+        "https://acct.blob.core.windows.net/c/b?sv=2022-11-02&s"
+        + "ig=AbCdEf0123456789AbCdEf0123%3D",
+        "Instrumentation" + "Key=12345678-1234-1234-1234-123456789abc;IngestionEndpoint=https://x",
+        "-----BEGIN RSA " + "PRIVATE KEY-----\nMIIE...",
         "token: ghp_" + "a1B2" * 10,
-        "AZURE_CLIENT_SECRET=abcdefghijklmnopqrstuv",
+        "AZURE_CLIENT_" + "SECRET=abcdefghijklmnopqrstuv",
         "key = '" + "QUJD" * 20 + "=='",
     ],
 )
