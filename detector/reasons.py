@@ -48,7 +48,7 @@ def _trend(v: float, t: float) -> str:
 
 
 _TEXTS: dict[str, Callable[[float, float], str]] = {
-    "first_invoice_year": lambda v, t: f"billing history starts in {v:.0f} (typical: {t:.0f})",
+    "first_invoice_year": lambda v, t: f"billing history starts in {int(v)} (typical: {int(t)})",
     "history_years": lambda v, t: f"{v:.1f} years of billing history (typical: {t:.1f})",
     "n_meters": lambda v, t: (
         f"{v:.0f} different meters billed (typical: {t:.0f}): meters were replaced or added"
