@@ -162,14 +162,23 @@ def summarise_profile(path: Path, top: int = 14) -> dict[str, Any] | None:
 
 BUCKETS: tuple[tuple[str, Any], ...] = (
     ("model: ArtifactSet.score (numpy forest walk)", lambda f, p: "detector/model.py" in p),
-    ("reasons (batch_reasons, texts)", lambda f, p: f == "batch_reasons" or "reasons.py" in p),
+    (
+        "reasons (batch_reasons, texts)",
+        lambda f, p: f.startswith("batch_reasons") or "reasons.py" in p,
+    ),
     ("logging + metrics (request log line)", lambda f, p: "logging/" in p or "telemetry.py" in p),
     ("validation (pydantic TypeAdapter)", lambda f, p: f == "_validate" or "pydantic" in p),
     ("features from raw history", lambda f, p: "features.py" in p or "schema.py" in p),
     ("JSON parse of the body (read_json)", lambda f, p: f == "read_json"),
     ("JSON response (json_response)", lambda f, p: f == "json_response"),
-    ("predict_batch run(): result dicts + to_json", lambda f, p: f == "run" and "api.py" in p),
-    ("score_records: row matrix + result dicts", lambda f, p: f == "score_records"),
+    (
+        "predict_batch run(): result dicts + to_json",
+        lambda f, p: f.endswith("predict_batch.<locals>.run"),
+    ),
+    (
+        "score_records: row matrix + result dicts",
+        lambda f, p: f.startswith("score_records") and "api.py" in p,
+    ),
     ("detector/api.py: middleware, route, auth", lambda f, p: "detector/api.py" in p),
     (
         "FastAPI/Starlette: routing, request, response",
