@@ -11,7 +11,6 @@ import azure.functions as func
 import azurefunctions.extensions.bindings.blob as blob
 
 from detector.api import create_app
-from detector.blob_batch import process_blob
 from detector.config import Settings
 from detector.telemetry import observe_blob_run
 
@@ -31,4 +30,7 @@ def score_batch_blob(client: blob.BlobClient) -> None:
 
     Traced and audited (detector.telemetry.observe_blob_run): a correlation id per run, the
     `batch_failed` event when it fails (then the exception reaches the host, which retries)."""
+    # Imported here: batch scoring needs pandas and pyarrow, which HTTP cold starts do without.
+    from detector.blob_batch import process_blob
+
     observe_blob_run(str(client.blob_name), lambda: process_blob(client, settings))
