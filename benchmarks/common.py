@@ -6,7 +6,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from tests.azurite import accepts, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO.parent / "shared" / "data" / "steg"
@@ -160,20 +161,6 @@ def machine() -> dict[str, Any]:
     }
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
 @contextmanager
 def server(
     target: str, env: dict[str, str] | None = None, log: Path | None = None
@@ -203,7 +190,7 @@ def server(
     )
     try:
         deadline = time.monotonic() + 60
-        while not _accepts(port):
+        while not accepts(port):
             if process.poll() is not None:
                 raise RuntimeError(f"uvicorn {target} exited with {process.returncode}")
             if time.monotonic() > deadline:

@@ -21,7 +21,6 @@ import asyncio
 import ipaddress
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tests.azurite import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -137,12 +138,6 @@ async def run_scenario(
     await asyncio.gather(*(_client(host, port, raw, deadline, result) for _ in range(clients)))
     result.seconds = time.perf_counter() - started
     return result
-
-
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def start_server(host: str, port: int) -> subprocess.Popen[bytes]:

@@ -254,8 +254,14 @@ def _unreadable(path: Path, fmt: str, exc: BaseException) -> InputError:
     return InputError(f"{path.name}: cannot read as {fmt}: {first}")
 
 
-def _columns(path: Path, fmt: str) -> list[str]:
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What pandas and pyarrow raise for a file that is not the table it claims to be."""
     import pyarrow as pa
+
+    return (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError, pa.ArrowException)
+
+
+def _columns(path: Path, fmt: str) -> list[str]:
     import pyarrow.parquet as pq
 
     try:
@@ -264,13 +270,7 @@ def _columns(path: Path, fmt: str) -> list[str]:
         return [str(c) for c in pd.read_csv(path, nrows=0).columns]
     except pd.errors.EmptyDataError:
         raise InputError(f"{path.name}: the file is empty") from None
-    except (
-        ValueError,
-        OSError,
-        UnicodeDecodeError,
-        pd.errors.ParserError,
-        pa.ArrowException,
-    ) as exc:
+    except _read_errors() as exc:
         raise _unreadable(path, fmt, exc) from None
 
 
@@ -295,13 +295,7 @@ def _chunks(path: Path, fmt: str, columns: list[str]) -> Iterator[Any]:
         with reader:
             for chunk in reader:
                 yield _arrow(chunk)
-    except (
-        ValueError,
-        OSError,
-        UnicodeDecodeError,
-        pd.errors.ParserError,
-        pa.ArrowException,
-    ) as exc:
+    except _read_errors() as exc:
         raise _unreadable(path, fmt, exc) from None
 
 

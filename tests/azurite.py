@@ -48,15 +48,17 @@ def connection_string(port: int, host: str = "127.0.0.1") -> str:
     )
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (tests and benchmarks start their servers there)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
-def _accepts(port: int) -> bool:
+def accepts(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server accepts connections on the port yet."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+        with socket.create_connection((host, port), timeout=0.2):
             return True
     except OSError:
         return False
@@ -93,7 +95,7 @@ def azurite(timeout: float = 30.0) -> Iterator[str]:
     )
     try:
         deadline = time.monotonic() + timeout
-        while not _accepts(port):
+        while not accepts(port):
             if process.poll() is not None:
                 output = (Path(workdir) / "azurite.log").read_text(errors="replace")[-2000:]
                 raise AzuriteFailed(f"azurite-blob exited with {process.returncode}: {output}")

@@ -27,7 +27,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -40,6 +39,8 @@ from typing import Any
 
 import pandas as pd
 import pytest
+
+from tests.azurite import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
@@ -157,12 +158,6 @@ def check_output(expected: Block, stdout: str, where: str) -> None:
 
 
 # --- processes ---------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def clean_env(pythonpath: Path) -> dict[str, str]:
