@@ -134,6 +134,8 @@ class CompiledForest:
             is_internal, new_id[np.where(is_internal, left[order], 0)], np.arange(n_nodes)
         )
         self.code = (child << 4) | np.where(is_internal, feature[order], 0)
+        self.child = child
+        self.split_feature = np.where(is_internal, feature[order], 0)
         self.threshold = np.where(is_internal, threshold[order], np.inf)
         self.value = value[order]
         self.internal = is_internal
@@ -182,6 +184,8 @@ class CompiledForest:
         # scikit-learn compares float32 features with float64 thresholds; do the same.
         x = np.ascontiguousarray(scaled.astype(np.float32).astype(np.float64))
         n_rows, n_features = x.shape
+        if n_rows == 1:
+            return self._one_row(x[0])[None, :]
         n_trees = self.n_trees
         out = np.empty((n_rows, n_trees), np.int64)
         chunk = max(1, self.CHUNK_PAIRS // n_trees)
@@ -205,6 +209,15 @@ class CompiledForest:
                     active, current, base = active[keep], current[keep], base[keep]
             out[start : start + rows] = node.reshape(rows, n_trees)
         return out
+
+    def _one_row(self, x: np.ndarray) -> np.ndarray:
+        """One customer (the /predict path): fewer array operations per step, no compaction."""
+        node = self.roots.copy()
+        while True:
+            for _ in range(8):  # leaves point to themselves: extra steps are harmless
+                node = self.child[node] + (x[self.split_feature[node]] > self.threshold[node])
+            if not self.internal[node].any():
+                return node
 
     def explain(self, scaled: np.ndarray, with_contributions: bool = True) -> Explained:
         """Mean leaf probability over trees; contributions sum with the root mean to it."""
