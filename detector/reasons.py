@@ -10,7 +10,7 @@ import numpy as np
 from detector.features import FEATURE_NAMES
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: batches build tens of thousands of these
 class Reason:
     """One feature that pushed the score up: its value, the typical value, and the words."""
 
