@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,3 +62,28 @@ def azurite() -> Iterator[str]:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"Azurite is required in CI: {exc}")
         pytest.skip(f"Azurite is not available: {exc}")
+
+
+@pytest.fixture
+def make_client(
+    tiny_artifacts: ArtifactSet, tiny_artifacts_dir: Path
+) -> Iterator[Callable[..., Any]]:
+    """Build API test clients over the tiny model (settings overridable); closed at teardown."""
+    from fastapi.testclient import TestClient
+
+    from detector.api import create_app
+    from detector.config import Settings
+
+    clients: list[TestClient] = []
+
+    def make(loader: Callable[[], ArtifactSet] | None = None, **overrides: Any) -> TestClient:
+        settings = Settings(model_dir=tiny_artifacts_dir, **overrides)
+        client = TestClient(
+            create_app(settings, loader or (lambda: tiny_artifacts)), raise_server_exceptions=False
+        )
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()

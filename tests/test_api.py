@@ -52,24 +52,6 @@ def steg() -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 @pytest.fixture
-def make_client(
-    tiny_artifacts: ArtifactSet, tiny_artifacts_dir: Path
-) -> Iterator[Callable[..., TestClient]]:
-    clients: list[TestClient] = []
-
-    def make(loader: Callable[[], ArtifactSet] | None = None, **overrides: Any) -> TestClient:
-        settings = Settings(model_dir=tiny_artifacts_dir, **overrides)
-        app = create_app(settings, loader or (lambda: tiny_artifacts))
-        client = TestClient(app, raise_server_exceptions=False)
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.close()
-
-
-@pytest.fixture
 def client(make_client: Callable[..., TestClient]) -> TestClient:
     return make_client()
 

@@ -6,14 +6,12 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from detector import telemetry
-from detector.api import create_app
 from detector.config import Settings
 from detector.features import FEATURES as FEATURE_SPECS
 from detector.limits import RateLimiter
@@ -69,25 +67,6 @@ def capture() -> Iterator[Capture]:
         root.removeHandler(handler)
         root.setLevel(old_root)
         detector_logger.setLevel(old_detector)
-
-
-@pytest.fixture
-def make_client(
-    tiny_artifacts: ArtifactSet, tiny_artifacts_dir: Path
-) -> Iterator[Callable[..., TestClient]]:
-    clients: list[TestClient] = []
-
-    def make(loader: Callable[[], ArtifactSet] | None = None, **overrides: Any) -> TestClient:
-        settings = Settings(model_dir=tiny_artifacts_dir, **overrides)
-        client = TestClient(
-            create_app(settings, loader or (lambda: tiny_artifacts)), raise_server_exceptions=False
-        )
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.close()
 
 
 def audit_lines(capture: Capture) -> list[dict[str, Any]]:
