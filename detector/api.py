@@ -447,16 +447,13 @@ class ModelHolder:
 
 
 def default_loader(settings: Settings) -> Callable[[], ArtifactSet]:
-    """`detector.store.load_artifacts` (local folder or blob pull + verify), imported lazily."""
+    """The process-wide model (`detector.store.shared_artifacts`): the HTTP app and the blob
+    trigger of one worker share one download and one loaded set. Imported lazily."""
 
     def load() -> ArtifactSet:
-        try:
-            from detector.store import load_artifacts
-        except ImportError as exc:
-            if settings.model_source != "local":
-                raise ModelError(f"blob model source needs detector.store: {exc}") from None
-            return ArtifactSet(settings.model_dir)
-        return load_artifacts(settings)
+        from detector.store import shared_artifacts
+
+        return shared_artifacts(settings)
 
     return load
 
