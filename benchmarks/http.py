@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -132,20 +133,24 @@ def start_profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes
     )
 
 
+def _stacks(path: Path) -> Iterator[tuple[list[str], int]]:
+    """py-spy's collapsed format: one `frame;frame;... count` line per distinct stack."""
+    if not path.is_file():
+        return
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if stack:
+            yield stack.split(";"), int(count_text)
+
+
 def summarise_profile(path: Path, top: int = 14) -> dict[str, Any] | None:
     """Collapsed stacks -> the functions with the most samples, inclusive and self."""
-    if not path.is_file():
-        return None
     inclusive: Counter[str] = Counter()
     self_time: Counter[str] = Counter()
     total = 0
-    for line in path.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack:
-            continue
-        count = int(count_text)
+    for stack, count in _stacks(path):
         total += count
-        frames = [_frame(f) for f in stack.split(";")]
+        frames = [_frame(f) for f in stack]
         for name in set(frames):
             inclusive[name] += count
         self_time[frames[-1]] += count
@@ -196,18 +201,12 @@ BUCKETS: tuple[tuple[str, Any], ...] = (
 
 def buckets(path: Path) -> list[tuple[str, float]]:
     """Each sample to the innermost frame that names an owner; numpy/pandas go to their caller."""
-    if not path.is_file():
-        return []
     counts: Counter[str] = Counter()
     total = 0
-    for line in path.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack:
-            continue
-        count = int(count_text)
+    for stack, count in _stacks(path):
         total += count
         owner = "other (interpreter, selectors, GC)"
-        for frame in reversed(stack.split(";")):
+        for frame in reversed(stack):
             function, _, where = frame.partition(" (")
             hit = next((name for name, rule in BUCKETS if rule(function, where)), None)
             if hit:
