@@ -37,6 +37,7 @@ from detector.model import ArtifactSet
 from detector.store import ModelStore, blob_service_client, load_artifacts
 from detector.telemetry import EVENT_MODEL_LOAD_FAILED
 from tests.azurite import DEV_ACCOUNT_KEY, connection_string, free_port
+from tests.logs import attached
 from tests.synthetic import make_steg
 
 pytestmark = [pytest.mark.azurite, pytest.mark.xdist_group("azurite")]
@@ -54,16 +55,8 @@ class Records(logging.Handler):
 
 @pytest.fixture
 def logs() -> Iterator[Records]:
-    handler = Records()
-    root = logging.getLogger()
-    root.addHandler(handler)
-    old = root.level
-    root.setLevel(logging.DEBUG)
-    try:
+    with attached(Records()) as handler:
         yield handler
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old)
 
 
 def _store_settings(tmp_path: Path) -> Settings:

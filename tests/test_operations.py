@@ -28,6 +28,7 @@ from detector.telemetry import (
     observe_blob_run,
     prometheus_text,
 )
+from tests.logs import attached
 
 KEY = "opskey-" + "q7" * 10
 OTHER_KEY = "opskey-" + "w3" * 10
@@ -54,19 +55,8 @@ class Capture(logging.Handler):
 
 @pytest.fixture
 def capture() -> Iterator[Capture]:
-    handler = Capture()
-    root = logging.getLogger()
-    detector_logger = logging.getLogger("detector")
-    old_root, old_detector = root.level, detector_logger.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    detector_logger.setLevel(logging.DEBUG)
-    try:
+    with attached(Capture()) as handler:
         yield handler
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old_root)
-        detector_logger.setLevel(old_detector)
 
 
 def audit_lines(capture: Capture) -> list[dict[str, Any]]:
