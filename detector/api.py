@@ -48,7 +48,7 @@ from detector.config import MODEL_NAMES, ConfigError, Settings
 from detector.features import FEATURE_NAMES, FEATURES, FeatureSpec
 from detector.limits import RateLimiter
 from detector.model import ArtifactSet, ModelError
-from detector.reasons import explain_rows
+from detector.reasons import explain_dicts
 from detector.telemetry import (
     EVENT_MODEL_LOAD_FAILED,
     METRICS,
@@ -633,16 +633,6 @@ def _history_features(
     return {int(key): matrix[k] for k, key in enumerate(features.index)}
 
 
-def batch_reasons(
-    values: np.ndarray, contributions: np.ndarray, typical: np.ndarray, limit: int = 3
-) -> list[list[dict[str, Any]]]:
-    """`reasons.explain_rows` as JSON-ready dicts."""
-    return [
-        [reason.to_dict() for reason in row]
-        for row in explain_rows(values, contributions, typical, limit)
-    ]
-
-
 def score_records(
     objs: list[Any],
     artifacts: ArtifactSet,
@@ -696,7 +686,7 @@ def score_records(
     risk = scores.risk_level.tolist()
     contributions = scores.contributions
     assert contributions is not None  # type narrowing  # nosec B101
-    reasons = batch_reasons(scores.features, contributions, artifacts.typical)
+    reasons = explain_dicts(scores.features, contributions, artifacts.typical)
     for k, i in enumerate(rows):
         items[i] = {
             "customer_id": objs[i]["customer_id"],

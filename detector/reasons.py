@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +21,7 @@ class Reason:
     contribution: float
     text: str
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "feature": self.feature,
             "value": self.value,
@@ -84,34 +85,63 @@ _TEXTS: dict[str, Callable[[float, float], str]] = {
 assert set(_TEXTS) == set(FEATURE_NAMES)  # import-time invariant  # nosec B101
 
 
-def explain_rows(
-    values: np.ndarray, contributions: np.ndarray, typical: np.ndarray, limit: int = 3
-) -> list[list[Reason]]:
-    """For each row, the features that pushed its score up the most, largest first.
+_TEXT_BY_INDEX = tuple(_TEXTS[name] for name in FEATURE_NAMES)
 
-    One argsort for the whole matrix: batch scoring explains thousands of rows per request.
+
+def _top(
+    values: np.ndarray, contributions: np.ndarray, typical: np.ndarray, limit: int
+) -> tuple[list[int], zip[tuple[str, float, float, float, str]]]:
+    """Each row's count of reasons, and every reason's fields, rows in order, largest first.
+
+    The choice is one vectorised pass over the whole matrix; only the chosen reasons are
+    touched in Python, once each: batch scoring explains thousands of rows per request.
     """
-    values = np.atleast_2d(values)
+    values = np.atleast_2d(np.asarray(values, dtype=np.float64))
     pushes = np.array(np.atleast_2d(contributions), dtype=np.float64, copy=True)
     # A value equal to the typical customer's cannot explain why this one scores high, whatever
     # the trees did with it (interactions): it is never given as a reason.
     equal = np.abs(values - typical) <= 1e-9 * np.maximum(1.0, np.abs(typical))
     pushes[equal | ~(pushes > 1e-9)] = -np.inf
     order = np.argsort(-pushes, axis=1, kind="stable")[:, :limit]
-    top = np.take_along_axis(pushes, order, axis=1).tolist()
-    top_values = np.take_along_axis(values, order, axis=1).tolist()
+    top = np.take_along_axis(pushes, order, axis=1)
+    keep = top > -np.inf  # sorted, so each row's kept reasons come first
+    chosen = order[keep]
+    index = chosen.tolist()
+    value = values[np.nonzero(keep)[0], chosen].tolist()
     usual = typical.tolist()
-    rows: list[list[Reason]] = []
-    for row_order, row_top, row_values in zip(order.tolist(), top, top_values, strict=True):
-        reasons = []
-        for index, contribution, value in zip(row_order, row_top, row_values, strict=True):
-            if contribution == -np.inf:
-                break
-            name = FEATURE_NAMES[index]
-            text = _TEXTS[name](value, usual[index])
-            reasons.append(Reason(name, value, usual[index], contribution, text))
-        rows.append(reasons)
+    usual_of = [usual[i] for i in index]
+    texts = [_TEXT_BY_INDEX[i](v, t) for i, v, t in zip(index, value, usual_of, strict=True)]
+    names = [FEATURE_NAMES[i] for i in index]
+    fields = zip(names, value, usual_of, top[keep].tolist(), texts, strict=True)
+    return keep.sum(axis=1).tolist(), fields
+
+
+def _split(counts: list[int], flat: list[Any]) -> list[list[Any]]:
+    rows, start = [], 0
+    for count in counts:
+        rows.append(flat[start : start + count])
+        start += count
     return rows
+
+
+def explain_rows(
+    values: np.ndarray, contributions: np.ndarray, typical: np.ndarray, limit: int = 3
+) -> list[list[Reason]]:
+    """For each row, the features that pushed its score up the most, largest first."""
+    counts, fields = _top(values, contributions, typical, limit)
+    return _split(counts, [Reason(*f) for f in fields])
+
+
+def explain_dicts(
+    values: np.ndarray, contributions: np.ndarray, typical: np.ndarray, limit: int = 3
+) -> list[list[dict[str, Any]]]:
+    """`explain_rows` as JSON-ready dicts (the API's `reasons`), without the Reason objects."""
+    counts, fields = _top(values, contributions, typical, limit)
+    flat = [
+        {"feature": f, "value": v, "typical": t, "contribution": c, "text": x}
+        for f, v, t, c, x in fields
+    ]
+    return _split(counts, flat)
 
 
 def top_reasons(

@@ -17,12 +17,12 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
-from detector.api import ModelHolder, ModelUnavailable, batch_reasons, create_app
+from detector.api import ModelHolder, ModelUnavailable, create_app
 from detector.batch import score_frames
 from detector.config import ConfigError, Settings
 from detector.features import FEATURE_NAMES, FEATURES, compute_features
 from detector.model import ArtifactSet, ModelError
-from detector.reasons import top_reasons
+from detector.reasons import explain_dicts, top_reasons
 from detector.schema import CLIENT_SCHEMA, INVOICE_SCHEMA, prepare_clients, prepare_invoices
 from detector.telemetry import METRICS, JsonFormatter, correlation_from_headers
 from tests.synthetic import make_steg
@@ -316,7 +316,7 @@ def test_batch_reasons_match_top_reasons(tiny_artifacts: ArtifactSet) -> None:
     rows = tiny_artifacts.typical * rng.uniform(0.2, 3.0, (200, len(FEATURE_NAMES)))
     scores = tiny_artifacts.score(rows)
     assert scores.contributions is not None
-    fast = batch_reasons(scores.features, scores.contributions, tiny_artifacts.typical)
+    fast = explain_dicts(scores.features, scores.contributions, tiny_artifacts.typical)
     for k in range(len(rows)):
         slow = top_reasons(scores.features[k], scores.contributions[k], tiny_artifacts.typical)
         assert fast[k] == [r.to_dict() for r in slow]

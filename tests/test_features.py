@@ -247,3 +247,29 @@ def test_reasons_skip_typical_values_and_name_the_biggest_push() -> None:
     (reasons,) = explain_rows(values[None], contributions[None], typical)
     assert [r.feature for r in reasons] == [FEATURE_NAMES[5], FEATURE_NAMES[2]]
     assert all(r.text for r in reasons)
+
+
+def test_reasons_of_many_rows_match_a_row_by_row_reference() -> None:
+    """The vectorised choice against the rule written plainly, one row at a time: ties, rows
+    without any reason, values equal to the typical one and negative pushes included."""
+    from detector.reasons import explain_rows
+
+    rng = np.random.default_rng(11)
+    n = 500
+    typical = rng.uniform(1, 100, 14)
+    values = np.where(rng.random((n, 14)) < 0.3, typical, typical * rng.uniform(0.5, 2, (n, 14)))
+    contributions = rng.choice([-0.02, 0.0, 0.01, 0.02, 0.05], size=(n, 14))  # many ties
+    contributions[:20] = -0.01  # rows that nothing pushed up
+    got = explain_rows(values, contributions, typical, limit=3)
+    for row, reasons in enumerate(got):
+        candidates = [
+            (-contributions[row, i], i)  # largest first; ties keep the feature order
+            for i in range(14)
+            if contributions[row, i] > 1e-9 and values[row, i] != typical[i]
+        ]
+        expected = [i for _, i in sorted(candidates)[:3]]
+        assert [r.feature for r in reasons] == [FEATURE_NAMES[i] for i in expected]
+        assert [r.value for r in reasons] == [values[row, i] for i in expected]
+        assert [r.typical for r in reasons] == [typical[i] for i in expected]
+        assert [r.contribution for r in reasons] == [contributions[row, i] for i in expected]
+    assert not any(got[:20]) and all(got[20:])
