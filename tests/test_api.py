@@ -3,6 +3,7 @@ the library's scores, auth, CORS, correlation ids and the model-unavailable path
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -309,6 +310,19 @@ def test_bundled_model_served(tiny_artifacts_dir: Path, bundled: ArtifactSet) ->
     row = np.array([[FEATURES_BODY[n] for n in FEATURE_NAMES]], dtype=np.float64)
     assert abs(out["theft_probability"] - bundled.score(row).probability[0]) < 1e-9
     assert out["model_version"] == bundled.version
+
+
+def test_startup_freezes_the_loaded_heap(tiny_artifacts: ArtifactSet) -> None:
+    """Objects alive after startup leave the collector's generations (see the lifespan)."""
+    gc.unfreeze()
+    try:
+        app = create_app(Settings(), lambda: tiny_artifacts)
+        assert gc.get_freeze_count() == 0
+        with TestClient(app) as client:
+            assert client.get("/api/health").status_code == 200
+            assert gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()
 
 
 def test_batch_reasons_match_top_reasons(tiny_artifacts: ArtifactSet) -> None:
