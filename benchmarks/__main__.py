@@ -289,11 +289,14 @@ def render(
         "call walks different paths), with and without the per-feature contributions that "
         "/predict turns into reasons; references get the same median imputation inside the "
         "timed call. ONNX Runtime single-row figures use 1 intra-op thread.",
-        "- HTTP: uvicorn (h11, one worker, access log off, the app's own JSON request log on) "
-        "on 127.0.0.1 and a free port, started and stopped by the suite; latency rows use one "
-        "httpx client with keep-alive; the sustained load uses a minimal asyncio HTTP/1.1 "
-        "client (keep-alive, pre-built requests) that shares the 2 cores with the server, "
-        "for a fixed time; every non-200 answer counts as an error.",
+        "- HTTP: uvicorn (httptools and uvloop, one worker, access log off, the app's own JSON "
+        "request log and audit line on) on 127.0.0.1 and a free port, started and stopped by "
+        "the suite. Latency rows use a minimal blocking client (one keep-alive connection, "
+        "TCP_NODELAY, pre-built requests, Content-Length framing) for the app and the bare "
+        "endpoint alike, so the figure is the server's round trip; the httpx row shows what a "
+        "typical Python client adds on its side. The sustained load uses the same framing on "
+        "asyncio streams, sharing the 2 cores with the server, for a fixed time; every non-200 "
+        "answer counts as an error.",
         "- Cold start: fresh `python -c` processes timed from spawn (interpreter start "
         "included), empty model cache for blob; see benchmarks/cold_start.py.",
         "- Whole table: `python -m detector score` (the `ptd score` path) and the features "

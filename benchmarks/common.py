@@ -130,6 +130,8 @@ def machine() -> dict[str, Any]:
         "fastapi",
         "pydantic",
         "uvicorn",
+        "httptools",
+        "uvloop",
         "httpx",
         "onnxruntime",
         "skl2onnx",
