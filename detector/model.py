@@ -6,6 +6,10 @@ Serving never unpickles. Training writes each model twice: the scikit-learn obje
 at once in numpy, which gives scikit-learn's probabilities (tests check 1e-9) without its
 per-tree Python overhead, and yields per-feature contributions (the path decomposition of each
 tree) that become the reasons an inspector reads.
+
+`serving_files` says which files of a manifest serving loads: the cold start downloads only
+those (the `*.joblib` references stay in the store), and `verify_manifest` requires them, while a
+reference file is checked whenever it is present.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,14 @@ MANIFEST = "manifest.json"
 FEATURES_FILE = "features.json"
 RESULTS_FILE = "training_results.json"
 SCALER_FILE = "scaler.npz"
+# Reference files are the pickled scikit-learn objects training writes next to the arrays: each
+# model's `reference_file` and the scaler's `scaler.joblib`, which the manifest names nowhere but
+# in `files`. The rule is the suffix: serving never unpickles, so no `*.joblib` file can be one it
+# loads; that is the no-pickle invariant restated, it needs nothing new in the manifest (it holds
+# for every version already published), and it errs on the safe side: any other file a future
+# training adds is downloaded and verified like the arrays until someone decides otherwise.
+# (Listing each model's `reference_file` would need `scaler.joblib` hard-coded beside it.)
+REFERENCE_SUFFIX = ".joblib"
 RISK_LEVELS = ("low", "elevated", "high", "critical")
 
 
@@ -40,21 +53,59 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_manifest(directory: Path) -> dict[str, Any]:
-    """Check every file listed in the manifest against its SHA-256; return the manifest."""
+def serving_files(manifest: Mapping[str, Any]) -> list[str]:
+    """The files of the manifest that serving needs, sorted: every listed file but the references.
+
+    These are what a cold start downloads (with manifest.json itself). Raises ModelError if the
+    manifest does not list a file that `ArtifactSet` loads (the JSON files, the scaler, each
+    model's `serving_file`), since such a file could not be verified.
+    """
+    try:
+        files = manifest["files"]
+        if not isinstance(files, Mapping):
+            raise TypeError("'files' is not an object")
+        listed = [str(name) for name in files]
+        loaded = {FEATURES_FILE, RESULTS_FILE, SCALER_FILE} | {
+            str(entry["serving_file"]) for entry in dict(manifest.get("models", {})).values()
+        }
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{MANIFEST} is not a valid manifest: {exc!r}") from None
+    serving = sorted(name for name in listed if not name.endswith(REFERENCE_SUFFIX))
+    unverifiable = sorted(loaded - set(serving))
+    if unverifiable:
+        raise ModelError(
+            f"manifest: serving loads {', '.join(unverifiable)}, which must be listed in its files "
+            "and cannot be a *.joblib reference"
+        )
+    return serving
+
+
+def verify_manifest(directory: Path, *, references_optional: bool = False) -> dict[str, Any]:
+    """Check the files listed in the manifest against their SHA-256; return the manifest.
+
+    Every serving file (`serving_files`) must be present and match. So must every reference
+    file, unless `references_optional` (serving, whose cold start does not download them): then
+    an absent reference file is skipped, but one that is present is still checked, so a
+    tampered file is never accepted. Publishing verifies the full set.
+    """
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
         raise ModelError(f"no {MANIFEST} in {directory}")
     try:
         manifest: dict[str, Any] = json.loads(manifest_path.read_text())
         files: dict[str, str] = manifest["files"]
+        if not isinstance(files, dict):
+            raise TypeError("'files' is not an object")
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ModelError(f"{manifest_path} is not a valid manifest: {exc}") from None
+    serving = set(serving_files(manifest))
     for name, expected in sorted(files.items()):
         path = directory / name
         if Path(name).name != name:
             raise ModelError(f"manifest names a file outside the artifact folder: {name!r}")
         if not path.is_file():
+            if references_optional and name not in serving:
+                continue  # a reference file: serving never reads it, the cold start skips it
             raise ModelError(f"artifact {name} listed in the manifest is missing from {directory}")
         actual = sha256_file(path)
         if actual != expected:
@@ -295,7 +346,11 @@ class ArtifactSet:
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise ModelError(f"model folder {self.directory} does not exist")
-        self.manifest = verify_manifest(self.directory) if verify else self._read_json(MANIFEST)
+        self.manifest = (
+            verify_manifest(self.directory, references_optional=True)
+            if verify
+            else self._read_json(MANIFEST)
+        )
         self.version: str = str(self.manifest.get("model_version", ""))
         if not self.version:
             raise ModelError(f"{MANIFEST} has no model_version")

@@ -2,15 +2,16 @@
 
 Layout of the models container (`PTD_MODEL_CONTAINER`, default `models`):
 
-    <version>/<file>            every file listed in the version's manifest
+    <version>/<file>            every file listed in the version's manifest (references included)
     <version>/manifest.json     written last: a version exists only once its manifest does
     current.json                {"version", "previous", "activated_at"}: the served version
 
 `ptd publish` uploads a local artifact folder as a new version (never overwriting a different
 one), `ptd activate VERSION` moves the pointer (rollback = activate the previous version). On
 cold start `load_artifacts` reads the pointer (or the pinned `PTD_MODEL_VERSION`), downloads the
-set into `PTD_MODEL_CACHE_DIR/<version>/` and lets `ArtifactSet` check every SHA-256 before
-anything is loaded. Every failure is a `ModelError` whose message says what is wrong and where;
+serving files (`model.serving_files`: not the `*.joblib` references, which stay in the store) into
+`PTD_MODEL_CACHE_DIR/<version>/` and lets `ArtifactSet` check their SHA-256 before anything is
+loaded. Every failure is a `ModelError` whose message says what is wrong and where;
 the API answers /api/health with 503 and that reason.
 
 The connection follows the Functions convention for a connection named `STORAGE`: setting
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from detector.config import ConfigError, Settings
-from detector.model import MANIFEST, ArtifactSet, ModelError, verify_manifest
+from detector.model import MANIFEST, ArtifactSet, ModelError, serving_files, verify_manifest
 
 if TYPE_CHECKING:
     from azure.core.credentials import TokenCredential
@@ -312,7 +313,7 @@ class ModelStore:
         from azure.storage.blob import ContentSettings
 
         artifacts_dir = Path(artifacts_dir)
-        manifest = verify_manifest(artifacts_dir)
+        manifest = verify_manifest(artifacts_dir)  # the full set: references are uploaded too
         version = version or str(manifest.get("model_version", ""))
         _check_version(version)
         manifest_bytes = (artifacts_dir / MANIFEST).read_bytes()
@@ -396,21 +397,26 @@ class ModelStore:
 
     # -- cold start ----------------------------------------------------------------------------
     def download(self, version: str, cache_dir: Path) -> Path:
-        """The verified set of `version` in `cache_dir/<version>/`, downloaded unless cached."""
+        """The verified serving files of `version` in `cache_dir/<version>/`, unless cached.
+
+        Only `serving_files` and the manifest are fetched; the reference files stay in the
+        store (publish keeps the complete set there).
+        """
         _check_version(version)
         manifest_bytes = self._download_bytes(f"{version}/{MANIFEST}", f"model version {version!r}")
         try:
-            manifest = json.loads(manifest_bytes)
-            files = dict(manifest["files"])
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            names = serving_files(json.loads(manifest_bytes))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ModelError(f"model version {version!r}: manifest is not valid: {exc}") from None
+        except ModelError as exc:
+            raise ModelError(f"model version {version!r}: {exc}") from None
         target = Path(cache_dir) / version
         if _cache_matches(target, manifest_bytes):
             return target
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=cache_dir))
         try:
-            for name in sorted(files):
+            for name in names:
                 if Path(name).name != name:
                     raise ModelError(f"model version {version!r}: manifest names {name!r}")
                 blob_name = f"{version}/{name}"
@@ -424,7 +430,8 @@ class ModelStore:
                         f"{blob_name} in {self.where}",
                     ) from None
             (staging / MANIFEST).write_bytes(manifest_bytes)
-            verify_manifest(staging)  # every SHA-256 before the set may replace the cache
+            # Every SHA-256 before the set may replace the cache (references were not fetched).
+            verify_manifest(staging, references_optional=True)
             if target.exists():
                 shutil.rmtree(target, ignore_errors=True)
             try:
@@ -442,7 +449,7 @@ def _cache_matches(target: Path, manifest_bytes: bytes) -> bool:
     try:
         if (target / MANIFEST).read_bytes() != manifest_bytes:
             return False
-        verify_manifest(target)
+        verify_manifest(target, references_optional=True)
         return True
     except (OSError, ModelError):
         return False

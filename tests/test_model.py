@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from detector.features import FEATURE_NAMES
-from detector.model import MANIFEST, RISK_LEVELS, ArtifactSet, ModelError
+from detector.model import (
+    MANIFEST,
+    RISK_LEVELS,
+    ArtifactSet,
+    ModelError,
+    serving_files,
+    verify_manifest,
+)
 
 
 def copy_set(source: Path, tmp_path: Path) -> Path:
@@ -92,6 +101,93 @@ def test_missing_file_is_named(tiny_artifacts_dir: Path, tmp_path: Path) -> None
     folder = copy_set(tiny_artifacts_dir, tmp_path)
     (folder / "scaler.npz").unlink()
     with pytest.raises(ModelError, match=r"scaler\.npz listed in the manifest is missing"):
+        ArtifactSet(folder)
+
+
+# The files serving loads; everything else in a manifest is a scikit-learn reference.
+SERVING = [
+    "features.json",
+    "logistic_regression.npz",
+    "random_forest.npz",
+    "scaler.npz",
+    "training_results.json",
+]
+REFERENCES = ["logistic_regression.joblib", "random_forest.joblib", "scaler.joblib"]
+
+
+def test_serving_files_leave_out_the_joblib_references(
+    bundled: ArtifactSet, tiny_artifacts: ArtifactSet
+) -> None:
+    # The published bundled manifest works as it is: no retraining for the rule.
+    assert serving_files(bundled.manifest) == SERVING
+    assert serving_files(tiny_artifacts.manifest) == SERVING
+    assert sorted(set(bundled.manifest["files"]) - set(SERVING)) == REFERENCES
+    for entry in bundled.manifest["models"].values():
+        assert entry["serving_file"] in SERVING and entry["reference_file"] in REFERENCES
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m["files"].pop("random_forest.npz"), r"serving loads random_forest\.npz"),
+        (lambda m: m["files"].pop("features.json"), r"serving loads features\.json"),
+        (
+            lambda m: m["models"]["random_forest"].update(serving_file="random_forest.joblib"),
+            r"serving loads random_forest\.joblib.*cannot be a \*\.joblib reference",
+        ),
+        (lambda m: m.update(files=["scaler.npz"]), "not a valid manifest"),
+        (lambda m: m["models"]["random_forest"].pop("serving_file"), "not a valid manifest"),
+    ],
+)
+def test_serving_files_must_all_be_verifiable(
+    tiny_artifacts_dir: Path, change: Any, message: str
+) -> None:
+    # Before, a serving file the manifest did not list was loaded without any checksum.
+    manifest = json.loads((tiny_artifacts_dir / MANIFEST).read_text())
+    change(manifest)
+    with pytest.raises(ModelError, match=message):
+        serving_files(manifest)
+
+
+def test_absent_references_are_fine_for_serving_not_for_publishing(
+    tiny_artifacts: ArtifactSet, tiny_artifacts_dir: Path, tmp_path: Path
+) -> None:
+    folder = copy_set(tiny_artifacts_dir, tmp_path)
+    for name in REFERENCES:
+        (folder / name).unlink()
+    served = ArtifactSet(folder)
+    values = random_features(tiny_artifacts, 300, seed=7)
+    for model in ("random_forest", "logistic_regression"):
+        np.testing.assert_array_equal(
+            served.score(values, model).probability, tiny_artifacts.score(values, model).probability
+        )
+    assert verify_manifest(folder, references_optional=True)["model_version"] == served.version
+    # The full set (what `ptd publish` verifies and uploads) still needs them.
+    with pytest.raises(ModelError, match=r"logistic_regression\.joblib listed in the manifest is"):
+        verify_manifest(folder)
+
+
+@pytest.mark.parametrize("name", REFERENCES)
+def test_present_but_tampered_reference_is_refused(
+    tiny_artifacts_dir: Path, tmp_path: Path, name: str
+) -> None:
+    folder = copy_set(tiny_artifacts_dir, tmp_path)
+    with (folder / name).open("ab") as handle:
+        handle.write(b"\0")
+    pattern = f"{re.escape(name)} fails its checksum"
+    with pytest.raises(ModelError, match=pattern):
+        ArtifactSet(folder)
+    with pytest.raises(ModelError, match=pattern):
+        verify_manifest(folder, references_optional=True)
+
+
+@pytest.mark.parametrize("name", SERVING)
+def test_missing_serving_file_is_refused_even_when_references_are_optional(
+    tiny_artifacts_dir: Path, tmp_path: Path, name: str
+) -> None:
+    folder = copy_set(tiny_artifacts_dir, tmp_path)
+    (folder / name).unlink()
+    with pytest.raises(ModelError, match=f"{re.escape(name)} listed in the manifest is missing"):
         ArtifactSet(folder)
 
 

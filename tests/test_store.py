@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from detector.config import ConfigError, Settings
-from detector.model import MANIFEST, ModelError
+from detector.model import MANIFEST, ArtifactSet, ModelError
 from detector.store import (
     POINTER,
     ModelStore,
@@ -20,6 +22,7 @@ from detector.store import (
     load_artifacts,
 )
 from tests.azurite import connection_string, free_port
+from tests.test_model import REFERENCES, SERVING, random_features
 
 pytestmark = [pytest.mark.azurite, pytest.mark.xdist_group("azurite")]
 
@@ -73,6 +76,139 @@ def test_publish_then_cold_start_pull_verifies_and_loads(
     # A second start reuses the verified cache.
     again = load_artifacts(settings, env)
     assert again.version == version
+
+
+def _spy_downloads(store: ModelStore, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The blob names the store downloads from now on."""
+    fetched: list[str] = []
+    original = store.container.download_blob
+
+    def download_blob(blob: str, *args: object, **kwargs: object) -> object:
+        fetched.append(blob)
+        return original(blob, *args, **kwargs)
+
+    monkeypatch.setattr(store.container, "download_blob", download_blob)
+    return fetched
+
+
+def test_cold_start_downloads_only_the_serving_files(
+    tmp_path: Path, env: dict[str, str], bundled: ArtifactSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The bundled set as published (its manifest predates the rule): 2.3 MB of 9.1 MB to fetch.
+    store = ModelStore.from_settings(_settings(tmp_path, _container()), env)
+    version = store.publish(bundled.directory)
+    # Publishing still keeps the complete, reproducible set in the store.
+    assert {b.name for b in store.container.list_blobs()} == {
+        f"{version}/{name}" for name in [*bundled.manifest["files"], MANIFEST]
+    }
+    fetched = _spy_downloads(store, monkeypatch)
+    directory = store.download(version, tmp_path / "cache")
+    assert sorted(fetched) == sorted(f"{version}/{name}" for name in [*SERVING, MANIFEST])
+    assert sorted(p.name for p in directory.iterdir()) == sorted([*SERVING, MANIFEST])
+    for name in REFERENCES:
+        assert not (directory / name).exists()
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [version]  # no staging left
+    downloaded = sum(p.stat().st_size for p in directory.iterdir())
+    assert downloaded < 2.5e6 < 9e6 < sum(p.stat().st_size for p in bundled.directory.iterdir())
+
+    loaded = ArtifactSet(directory)
+    assert loaded.version == bundled.version == version
+    values = random_features(bundled, 2000, seed=11)
+    for model in bundled.model_names:
+        ours, theirs = loaded.score(values, model), bundled.score(values, model)
+        np.testing.assert_array_equal(ours.probability, theirs.probability)
+        np.testing.assert_array_equal(ours.flagged, theirs.flagged)
+        np.testing.assert_array_equal(ours.risk_level, theirs.risk_level)
+        np.testing.assert_array_equal(ours.contributions, theirs.contributions)  # type: ignore[arg-type]
+
+    # A second start trusts the verified cache without fetching anything but the manifest.
+    fetched.clear()
+    assert store.download(version, tmp_path / "cache") == directory
+    assert fetched == [f"{version}/{MANIFEST}"]
+
+
+def test_publish_still_needs_the_reference_files(
+    tmp_path: Path, env: dict[str, str], tiny_artifacts_dir: Path
+) -> None:
+    # The store keeps complete, reproducible versions even though cold starts skip the references.
+    folder = tmp_path / "set"
+    shutil.copytree(tiny_artifacts_dir, folder)
+    (folder / "random_forest.joblib").unlink()
+    store = ModelStore.from_settings(_settings(tmp_path, _container()), env)
+    with pytest.raises(ModelError, match=r"random_forest\.joblib listed in the manifest is"):
+        store.publish(folder, version="v1")
+    assert store.versions() == []
+
+
+@pytest.mark.parametrize("name", ["scaler.npz", "random_forest.npz", "training_results.json"])
+def test_tampered_serving_blob_is_refused(
+    tmp_path: Path, env: dict[str, str], tiny_artifacts_dir: Path, name: str
+) -> None:
+    settings = _settings(tmp_path, _container())
+    store = ModelStore.from_settings(settings, env)
+    version = store.publish(tiny_artifacts_dir, activate=True)
+    data = (tiny_artifacts_dir / name).read_bytes()
+    tampered = bytes([data[0] ^ 1]) + data[1:]  # same size, one bit flipped
+    store.container.upload_blob(f"{version}/{name}", tampered, overwrite=True)
+    with pytest.raises(ModelError, match=f"{re.escape(name)} fails its checksum"):
+        load_artifacts(settings, env)
+    assert sorted((settings.model_cache_dir).iterdir()) == []  # nothing unverified is kept
+
+
+@pytest.mark.parametrize("name", ["scaler.npz", "logistic_regression.npz", "features.json"])
+def test_missing_serving_blob_is_refused(
+    tmp_path: Path, env: dict[str, str], tiny_artifacts_dir: Path, name: str
+) -> None:
+    settings = _settings(tmp_path, _container())
+    store = ModelStore.from_settings(settings, env)
+    version = store.publish(tiny_artifacts_dir, activate=True)
+    store.container.delete_blob(f"{version}/{name}")
+    with pytest.raises(ModelError, match=f"cannot download {re.escape(name)}.*not found"):
+        load_artifacts(settings, env)
+    assert sorted((settings.model_cache_dir).iterdir()) == []
+
+
+def test_manifest_that_hides_a_serving_file_is_refused(
+    tmp_path: Path, env: dict[str, str], tiny_artifacts_dir: Path
+) -> None:
+    # A manifest that does not list a file serving loads cannot vouch for it: no download.
+    settings = _settings(tmp_path, _container())
+    store = ModelStore.from_settings(settings, env)
+    version = store.publish(tiny_artifacts_dir, activate=True)
+    manifest = json.loads((tiny_artifacts_dir / MANIFEST).read_text())
+    del manifest["files"]["scaler.npz"]
+    store.container.upload_blob(f"{version}/{MANIFEST}", json.dumps(manifest), overwrite=True)
+    with pytest.raises(ModelError, match=r"serving loads scaler\.npz"):
+        load_artifacts(settings, env)
+    assert not settings.model_cache_dir.exists() or not any(settings.model_cache_dir.iterdir())
+
+
+@pytest.mark.parametrize("name", REFERENCES)
+def test_tampered_reference_in_the_cache_is_refused_and_replaced(
+    tmp_path: Path,
+    env: dict[str, str],
+    tiny_artifacts_dir: Path,
+    name: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = _settings(tmp_path, _container())
+    store = ModelStore.from_settings(settings, env)
+    store.publish(tiny_artifacts_dir, activate=True)
+    directory = load_artifacts(settings, env).directory
+    assert not (directory / name).exists()
+    # A reference file that shows up in the cache must match the manifest like any other file.
+    tampered = (tiny_artifacts_dir / name).read_bytes() + b"\0"
+    (directory / name).write_bytes(tampered)
+    with pytest.raises(ModelError, match=f"{re.escape(name)} fails its checksum"):
+        ArtifactSet(directory)
+    # The next start does not trust that cache: it downloads the serving files again.
+    assert load_artifacts(settings, env).directory == directory
+    assert sorted(p.name for p in directory.iterdir()) == sorted([*SERVING, MANIFEST])
+    # A genuine reference in the cache is accepted, and the cache is then reused as it is.
+    (directory / name).write_bytes((tiny_artifacts_dir / name).read_bytes())
+    fetched = _spy_downloads(store, monkeypatch)
+    assert store.download(ArtifactSet(directory).version, settings.model_cache_dir) == directory
+    assert len(fetched) == 1 and (directory / name).exists()
 
 
 def test_publish_is_idempotent_and_versions_are_immutable(
