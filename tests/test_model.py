@@ -59,6 +59,9 @@ def test_forest_contributions_add_up_to_the_probability(tiny_artifacts: Artifact
     np.testing.assert_allclose(
         scores.contributions.sum(axis=1) + base, scores.probability, atol=1e-6
     )
+    few = tiny_artifacts.score(values[:5], "random_forest")  # the small-batch path
+    assert few.contributions is not None
+    np.testing.assert_allclose(few.contributions, scores.contributions[:5], atol=1e-6)
 
 
 def test_one_row_scores_like_the_same_row_in_a_batch(tiny_artifacts: ArtifactSet) -> None:
