@@ -272,6 +272,44 @@ def feature_rows(n: int, data_dir: Path | None, seed: int = 0) -> tuple[np.ndarr
     return np.tile(values, (reps, 1))[:n], source
 
 
+def history_records(
+    n: int, data_dir: Path | None, seed: int = 1
+) -> tuple[list[dict[str, Any]], int]:
+    """`n` raw-history API records (invoices + client) of real clients, and their invoice count;
+    synthetic clients when the shared data is absent."""
+    import pandas as pd
+
+    from detector.schema import CLIENT_COLUMNS, INVOICE_COLUMNS
+
+    if data_dir is not None and (data_dir / "invoices_train.parquet").is_file():
+        clients = pd.read_parquet(data_dir / "clients_train.parquet", columns=list(CLIENT_COLUMNS))
+        chosen = clients.sample(n=min(n, len(clients)), random_state=seed)
+        invoices = pd.read_parquet(
+            data_dir / "invoices_train.parquet",
+            columns=list(INVOICE_COLUMNS),
+            filters=[("client_id", "in", chosen["client_id"].tolist())],
+        )
+    else:
+        sys.path.insert(0, str(REPO))
+        from tests.synthetic import make_steg
+
+        clients, invoices = make_steg(n_clients=n, seed=seed)
+        chosen = clients[list(CLIENT_COLUMNS)]
+    by_client: dict[str, list[dict[str, Any]]] = {}
+    for row in invoices.to_dict("records"):
+        by_client.setdefault(str(row.pop("client_id")), []).append(row)
+    records = [
+        {
+            "customer_id": client["client_id"],
+            "invoices": by_client[client["client_id"]],
+            "client": client,
+        }
+        for client in chosen.to_dict("records")
+        if client["client_id"] in by_client
+    ]
+    return records, sum(len(r["invoices"]) for r in records)
+
+
 def features_body(row: np.ndarray, customer_id: str) -> dict[str, Any]:
     from detector.features import FEATURE_NAMES
 
