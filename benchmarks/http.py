@@ -287,9 +287,9 @@ def route_work(body: bytes, runs: int, seconds: float) -> Stats:
 
     import pydantic_core
 
-    from detector.api import score_records
     from detector.config import Settings
     from detector.model import ArtifactSet
+    from detector.records import score_records
 
     settings = Settings.from_env()
     artifacts = ArtifactSet(settings.model_dir)
