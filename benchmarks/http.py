@@ -225,7 +225,11 @@ BUCKETS: tuple[tuple[str, Any], ...] = (
     ),
     (
         "score_records: row matrix + result dicts",
-        lambda f, p: f.startswith("score_records") and "api.py" in p,
+        lambda f, p: f.startswith("score_records") and "records.py" in p,
+    ),
+    (
+        "detector/records.py: record checks, history rows, error locations",
+        lambda f, p: "detector/records.py" in p,
     ),
     ("detector/api.py: middleware, route, auth", lambda f, p: "detector/api.py" in p),
     (
