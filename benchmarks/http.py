@@ -225,7 +225,11 @@ BUCKETS: tuple[tuple[str, Any], ...] = (
     ),
     (
         "score_records: row matrix + result dicts",
-        lambda f, p: f.startswith("score_records") and "api.py" in p,
+        lambda f, p: f.startswith("score_records") and "records.py" in p,
+    ),
+    (
+        "detector/records.py: record checks, history rows, error locations",
+        lambda f, p: "detector/records.py" in p,
     ),
     ("detector/api.py: middleware, route, auth", lambda f, p: "detector/api.py" in p),
     (
@@ -287,9 +291,9 @@ def route_work(body: bytes, runs: int, seconds: float) -> Stats:
 
     import pydantic_core
 
-    from detector.api import score_records
     from detector.config import Settings
     from detector.model import ArtifactSet
+    from detector.records import score_records
 
     settings = Settings.from_env()
     artifacts = ArtifactSet(settings.model_dir)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -774,3 +775,27 @@ def test_correlation_from_headers_rules() -> None:
     assert correlation_from_headers(None, "00-" + "0" * 32 + "-" + "1" * 16 + "-01") != "0" * 32
     made = correlation_from_headers("bad id\n", "garbage")
     assert len(made) == 32 and int(made, 16) >= 0
+
+
+def test_records_module_imports_no_http_framework() -> None:
+    """detector.records is the domain side of the API: validating and scoring records must not
+    need FastAPI or Starlette (detector.api is the HTTP app)."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    code = (
+        "import sys, detector.records\n"
+        "loaded = sorted({m.split('.')[0] for m in sys.modules} & {'fastapi', 'starlette'})\n"
+        "print(','.join(loaded))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    assert run.stdout.strip() == "", f"detector.records imports {run.stdout.strip()}"
