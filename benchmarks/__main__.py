@@ -293,7 +293,9 @@ def render(
         "- In process: `ArtifactSet.score` on one row (cycling over 512 real clients so each "
         "call walks different paths), with and without the per-feature contributions that "
         "/predict turns into reasons; references get the same median imputation inside the "
-        "timed call. ONNX Runtime single-row figures use 1 intra-op thread.",
+        "timed call. ONNX Runtime single-row figures use 1 intra-op thread. Ours and ONNX are "
+        "timed in turns on the same rows (rotating order), so their ratio compares samples "
+        "taken under the same load; each alone in a tight loop is in the note.",
         "- HTTP: uvicorn (httptools and uvloop, one worker, access log off, the app's own JSON "
         "request log and audit line on) on 127.0.0.1 and a free port, started and stopped by "
         "the suite. Latency rows use a minimal blocking client (one keep-alive connection, "

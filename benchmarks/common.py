@@ -73,6 +73,31 @@ def measure(
     return Stats(samples)
 
 
+def measure_interleaved(
+    fns: dict[str, Callable[[int], Any]], *, runs: int, warmup: int = 0, max_seconds: float = 30.0
+) -> dict[str, Stats]:
+    """Time several functions in turns (round k calls each with k), so that a ratio between two
+    of them compares samples taken under the same machine load, not minutes apart. The order
+    rotates every round: each function follows each other equally often, so none always runs
+    on caches another one just evicted."""
+    for k in range(warmup):
+        for fn in fns.values():
+            fn(k)
+    names = list(fns)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    clock = time.perf_counter
+    deadline = clock() + max_seconds
+    for k in range(runs):
+        turn = k % len(names)
+        for name in names[turn:] + names[:turn]:
+            start = clock()
+            fns[name](k)
+            samples[name].append(clock() - start)
+        if clock() > deadline and k >= 2:
+            break
+    return {name: Stats(values) for name, values in samples.items()}
+
+
 @dataclass
 class Row:
     """One line of the results table: ours beside the plain approach and the limit."""
