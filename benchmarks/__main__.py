@@ -248,7 +248,8 @@ def render(
         "",
         f"Written by `{command}` on {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC "
         f"in {total / 60:.1f} min (commit {info['commit']}, model {extra.get('model_version')}).",
-        "Rerun with `make bench` (full, 3 to 5 min on 2 cores) or `.venv/bin/python -m benchmarks --quick`.",
+        "Rerun with `make bench` (full, 3 to 5 min on 2 cores) or "
+        "`.venv/bin/python -m benchmarks --quick`.",
         "",
         "## Machine",
         "",
