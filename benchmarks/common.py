@@ -58,19 +58,9 @@ def measure(
     fn: Callable[[], Any], *, runs: int, warmup: int = 0, max_seconds: float = 30.0
 ) -> Stats:
     """Call `fn` `warmup` times, then up to `runs` times (or `max_seconds`), timing each call."""
-    for _ in range(warmup):
-        fn()
-    samples: list[float] = []
-    clock = time.perf_counter
-    deadline = clock() + max_seconds
-    while len(samples) < runs:
-        start = clock()
-        fn()
-        end = clock()
-        samples.append(end - start)
-        if end > deadline and len(samples) >= 3:
-            break
-    return Stats(samples)
+    return measure_interleaved(
+        {"fn": lambda _: fn()}, runs=runs, warmup=warmup, max_seconds=max_seconds
+    )["fn"]
 
 
 def measure_interleaved(

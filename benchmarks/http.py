@@ -11,6 +11,7 @@ single-prediction load and the 10k-record batches (see "Where the time goes").
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import shutil
 import socket
@@ -81,15 +82,22 @@ class RawClient:
 
     def send(self, request: bytes) -> bytes:
         self.sock.sendall(request)
-        status = int(self.stream.readline()[9:12])
-        length = 0
-        while (line := self.stream.readline()) not in (b"\r\n", b""):
-            if line[:15].lower() == b"content-length:":
-                length = int(line[15:])
-        body = self.stream.read(length)
+        head = [self.stream.readline()]
+        while head[-1] not in (b"\r\n", b""):
+            head.append(self.stream.readline())
+        status, length = _status_and_length(b"".join(head))
         if status != 200:
             self.not_ok += 1
-        return body
+        return self.stream.read(length)
+
+
+def _status_and_length(head: bytes) -> tuple[int, int]:
+    """The status code and Content-Length (0 if absent) of a response head."""
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    return int(head[9:12]), length
 
 
 async def _client(
@@ -108,12 +116,7 @@ async def _client(
             start = clock()
             writer.write(requests[i % len(requests)])
             i += 1
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = int(head[9:12])
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
+            status, length = _status_and_length(await reader.readuntil(b"\r\n\r\n"))
             await reader.readexactly(length)
             latencies.append(clock() - start)
             if status != 200:
@@ -326,19 +329,15 @@ def run(
     history_body = json.dumps({"records": histories}).encode()
 
     with server("benchmarks.bare:create_app") as (bare_url, bare_process):
-        bare_posts = [_request(bare_url + "/", b) for b in singles]
+        bare_posts = itertools.cycle([_request(bare_url + "/", b) for b in singles])
         with RawClient(bare_url) as client:
             get_request = _request(bare_url + "/", None)
             bare_get = measure(
                 lambda: client.send(get_request), runs=runs, warmup=100, max_seconds=secs
             )
-            k = {"i": 0}
-
-            def bare_post() -> None:
-                client.send(bare_posts[k["i"] % 512])
-                k["i"] += 1
-
-            bare_post_stats = measure(bare_post, runs=runs, warmup=100, max_seconds=secs)
+            bare_post_stats = measure(
+                lambda: client.send(next(bare_posts)), runs=runs, warmup=100, max_seconds=secs
+            )
         bare_proc = psutil.Process(bare_process.pid)
         cpu0 = sum(bare_proc.cpu_times()[:2])
         bare_load = load(bare_url, [_request(bare_url + "/", singles[0])], 8, cfg["load_seconds"])
@@ -352,6 +351,7 @@ def run(
     env = {"PTD_MODEL_SOURCE": "local", "PTD_LOG_LEVEL": "INFO"}
     with server("detector.api:create_app", env, tmp / "api-server.log") as (url, process):
         predict_requests = [_request(url + "/api/predict", b) for b in singles]
+        predict_cycle = itertools.cycle(predict_requests)
         batch_requests = {
             size: _request(url + "/api/predict_batch", body) for size, body in batch_bodies.items()
         }
@@ -361,13 +361,9 @@ def run(
             health = measure(
                 lambda: client.send(health_request), runs=runs, warmup=100, max_seconds=secs
             )
-            k = {"i": 0}
-
-            def predict() -> None:
-                client.send(predict_requests[k["i"] % 512])
-                k["i"] += 1
-
-            single = measure(predict, runs=runs, warmup=100, max_seconds=secs)
+            single = measure(
+                lambda: client.send(next(predict_cycle)), runs=runs, warmup=100, max_seconds=secs
+            )
             batch: dict[int, Stats] = {}
             for size, request in batch_requests.items():
                 batch[size] = measure(
@@ -386,15 +382,15 @@ def run(
             bad = client.not_ok
         # What a typical Python caller adds: the same requests through httpx.
         with httpx.Client(base_url=url, timeout=120) as http_client:
+            bodies = itertools.cycle(singles)
+            statuses: Counter[int] = Counter()
 
             def predict_httpx() -> None:
-                r = http_client.post("/api/predict", content=singles[k["i"] % 512], headers=JSON)
-                k["i"] += 1
-                if r.status_code != 200:
-                    k["bad_httpx"] = k.get("bad_httpx", 0) + 1
+                response = http_client.post("/api/predict", content=next(bodies), headers=JSON)
+                statuses[response.status_code] += 1
 
             single_httpx = measure(predict_httpx, runs=runs, warmup=100, max_seconds=secs)
-        bad += k.get("bad_httpx", 0)
+        bad += statuses.total() - statuses[200]
 
         # Sustained load, single predictions from N clients; py-spy samples the server meanwhile.
         profile_single = tmp / "profile-predict.txt"

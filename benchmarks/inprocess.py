@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -36,14 +37,10 @@ def single(
         warmup=50,
         max_seconds=secs,
     )
-    k = {"i": 0}
 
     def cycling(fn: Any) -> Any:
-        def call() -> None:
-            fn(singles[k["i"] % n])
-            k["i"] += 1
-
-        return call
+        rows = itertools.cycle(singles)
+        return lambda: fn(next(rows))
 
     # Each alone in a tight loop too: warm caches flatter both, ONNX more (shown in the note).
     alone = {
@@ -51,12 +48,8 @@ def single(
         "onnx": measure(cycling(ox), runs=runs, warmup=50, max_seconds=secs),
     }
 
-    def sklearn_call() -> None:
-        sk(singles[k["i"] % n])
-        k["i"] += 1
-
     stats["sklearn"] = measure(
-        sklearn_call, runs=cfg["sklearn_single_runs"], warmup=5, max_seconds=secs
+        cycling(sk), runs=cfg["sklearn_single_runs"], warmup=5, max_seconds=secs
     )
     sample = rows[:256]
     ours_p = artifacts.score(sample, with_contributions=False).probability
