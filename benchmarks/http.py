@@ -287,9 +287,9 @@ def _frame(text: str) -> str:
 # --- the rows ----------------------------------------------------------------------------------
 
 
-def route_work(body: bytes, runs: int, seconds: float) -> Stats:
-    """What /api/predict_batch does with `body`, minus HTTP: parse, validate, features, score,
-    reasons, the JSON answer. The limit the loopback rows are compared with."""
+def route_work(bodies: dict[int, bytes], runs: int, seconds: float) -> dict[int, Stats]:
+    """What /api/predict_batch does with each body, minus HTTP: parse, validate, features,
+    score, reasons, the JSON answer. The limit the loopback rows are compared with."""
     import gc
 
     import pydantic_core
@@ -301,14 +301,17 @@ def route_work(body: bytes, runs: int, seconds: float) -> Stats:
     settings = Settings.from_env()
     artifacts = ArtifactSet(settings.model_dir)
 
-    def once() -> None:
+    def once(body: bytes) -> None:
         records = pydantic_core.from_json(body)["records"]
         outcome = score_records(records, artifacts, artifacts.default_model, settings, str)
         pydantic_core.to_json([{"index": i, **item} for i, item in enumerate(outcome.items)])
 
     gc.freeze()  # as the server does after startup
     try:
-        return measure(once, runs=runs, warmup=1, max_seconds=seconds)
+        return {
+            size: measure(lambda body=body: once(body), runs=runs, warmup=1, max_seconds=seconds)
+            for size, body in bodies.items()
+        }
     finally:
         gc.unfreeze()
 
@@ -344,10 +347,7 @@ def run(
         bare_cpu = (sum(bare_proc.cpu_times()[:2]) - cpu0) / max(1, bare_load["requests"])
         extra["cpu_per_bare"] = bare_cpu
 
-    in_process = {
-        size: route_work(body, cfg["batch_runs"], cfg["batch_seconds"])
-        for size, body in batch_bodies.items()
-    }
+    in_process = route_work(batch_bodies, cfg["batch_runs"], cfg["batch_seconds"])
     env = {"PTD_MODEL_SOURCE": "local", "PTD_LOG_LEVEL": "INFO"}
     with server("detector.api:create_app", env, tmp / "api-server.log") as (url, process):
         predict_requests = [_request(url + "/api/predict", b) for b in singles]
