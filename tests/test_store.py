@@ -8,6 +8,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -54,12 +55,24 @@ def env(azurite: str) -> dict[str, str]:
     return {"STORAGE": azurite}
 
 
-def test_publish_then_cold_start_pull_verifies_and_loads(
-    tmp_path: Path, env: dict[str, str], tiny_artifacts_dir: Path
-) -> None:
+class Published(NamedTuple):
+    settings: Settings
+    store: ModelStore
+    version: str
+
+
+@pytest.fixture
+def published(tmp_path: Path, env: dict[str, str], tiny_artifacts_dir: Path) -> Published:
+    """The tiny artifact set, published and activated in a container of its own."""
     settings = _settings(tmp_path, _container())
     store = ModelStore.from_settings(settings, env)
-    version = store.publish(tiny_artifacts_dir, activate=True)
+    return Published(settings, store, store.publish(tiny_artifacts_dir, activate=True))
+
+
+def test_publish_then_cold_start_pull_verifies_and_loads(
+    published: Published, env: dict[str, str], tiny_artifacts_dir: Path
+) -> None:
+    settings, store, version = published
     manifest = json.loads((tiny_artifacts_dir / MANIFEST).read_text())
     assert version == manifest["model_version"]
     assert store.versions() == [version]
@@ -144,11 +157,9 @@ def test_publish_still_needs_the_reference_files(
 
 @pytest.mark.parametrize("name", ["scaler.npz", "random_forest.npz", "training_results.json"])
 def test_tampered_serving_blob_is_refused(
-    tmp_path: Path, env: dict[str, str], tiny_artifacts_dir: Path, name: str
+    published: Published, env: dict[str, str], tiny_artifacts_dir: Path, name: str
 ) -> None:
-    settings = _settings(tmp_path, _container())
-    store = ModelStore.from_settings(settings, env)
-    version = store.publish(tiny_artifacts_dir, activate=True)
+    settings, store, version = published
     data = (tiny_artifacts_dir / name).read_bytes()
     tampered = bytes([data[0] ^ 1]) + data[1:]  # same size, one bit flipped
     store.container.upload_blob(f"{version}/{name}", tampered, overwrite=True)
@@ -159,11 +170,9 @@ def test_tampered_serving_blob_is_refused(
 
 @pytest.mark.parametrize("name", ["scaler.npz", "logistic_regression.npz", "features.json"])
 def test_missing_serving_blob_is_refused(
-    tmp_path: Path, env: dict[str, str], tiny_artifacts_dir: Path, name: str
+    published: Published, env: dict[str, str], name: str
 ) -> None:
-    settings = _settings(tmp_path, _container())
-    store = ModelStore.from_settings(settings, env)
-    version = store.publish(tiny_artifacts_dir, activate=True)
+    settings, store, version = published
     store.container.delete_blob(f"{version}/{name}")
     with pytest.raises(ModelError, match=f"cannot download {re.escape(name)}.*not found"):
         load_artifacts(settings, env)
@@ -171,12 +180,10 @@ def test_missing_serving_blob_is_refused(
 
 
 def test_manifest_that_hides_a_serving_file_is_refused(
-    tmp_path: Path, env: dict[str, str], tiny_artifacts_dir: Path
+    published: Published, env: dict[str, str], tiny_artifacts_dir: Path
 ) -> None:
     # A manifest that does not list a file serving loads cannot vouch for it: no download.
-    settings = _settings(tmp_path, _container())
-    store = ModelStore.from_settings(settings, env)
-    version = store.publish(tiny_artifacts_dir, activate=True)
+    settings, store, version = published
     manifest = json.loads((tiny_artifacts_dir / MANIFEST).read_text())
     del manifest["files"]["scaler.npz"]
     store.container.upload_blob(f"{version}/{MANIFEST}", json.dumps(manifest), overwrite=True)
@@ -187,15 +194,13 @@ def test_manifest_that_hides_a_serving_file_is_refused(
 
 @pytest.mark.parametrize("name", REFERENCES)
 def test_tampered_reference_in_the_cache_is_refused_and_replaced(
-    tmp_path: Path,
+    published: Published,
     env: dict[str, str],
     tiny_artifacts_dir: Path,
     name: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    settings = _settings(tmp_path, _container())
-    store = ModelStore.from_settings(settings, env)
-    store.publish(tiny_artifacts_dir, activate=True)
+    settings, store, _ = published
     directory = load_artifacts(settings, env).directory
     assert not (directory / name).exists()
     # A reference file that shows up in the cache must match the manifest like any other file.
@@ -256,11 +261,9 @@ def test_activate_refuses_unknown_or_incomplete_versions(
 
 
 def test_tampered_blob_is_refused_naming_the_file(
-    tmp_path: Path, env: dict[str, str], tiny_artifacts_dir: Path
+    published: Published, env: dict[str, str], tiny_artifacts_dir: Path
 ) -> None:
-    settings = _settings(tmp_path, _container())
-    store = ModelStore.from_settings(settings, env)
-    version = store.publish(tiny_artifacts_dir, activate=True)
+    settings, store, version = published
     data = (tiny_artifacts_dir / "random_forest.npz").read_bytes()
     store.container.upload_blob(f"{version}/random_forest.npz", data + b"\0", overwrite=True)
     with pytest.raises(ModelError, match=r"random_forest\.npz fails its checksum"):
@@ -270,10 +273,9 @@ def test_tampered_blob_is_refused_naming_the_file(
 
 
 def test_tampered_cache_is_downloaded_again(
-    tmp_path: Path, env: dict[str, str], tiny_artifacts_dir: Path
+    published: Published, env: dict[str, str], tiny_artifacts_dir: Path
 ) -> None:
-    settings = _settings(tmp_path, _container())
-    ModelStore.from_settings(settings, env).publish(tiny_artifacts_dir, activate=True)
+    settings = published.settings
     artifacts = load_artifacts(settings, env)
     cached = artifacts.directory / "scaler.npz"
     cached.write_bytes(cached.read_bytes() + b"x")
