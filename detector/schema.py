@@ -24,7 +24,7 @@ CONSUMPTION_COLUMNS = (
     "consommation_level_3",
     "consommation_level_4",
 )
-# Columns the features read; each must be present in an invoice file.
+# Columns the served features read; each must be present in an invoice file.
 REQUIRED_INVOICE_COLUMNS = (
     "client_id",
     "invoice_date",
@@ -35,26 +35,40 @@ REQUIRED_INVOICE_COLUMNS = (
     "reading_remarque",
     *CONSUMPTION_COLUMNS,
     "months_number",
+    "counter_type",
 )
-# The rest of the STEG schema: accepted, type-checked when present, not needed by the features.
+# The rest of the STEG schema: accepted and type-checked when present; only candidate features
+# that the bundled models do not use read them (missing when the column is absent).
 OPTIONAL_INVOICE_COLUMNS = (
     "counter_coefficient",
     "old_index",
     "new_index",
-    "counter_type",
 )
 INVOICE_COLUMNS = REQUIRED_INVOICE_COLUMNS + OPTIONAL_INVOICE_COLUMNS
 CLIENT_COLUMNS = ("client_id", "disrict", "client_catg", "region", "creation_date")
+# The typed attributes `prepare_clients` returns, in its frame's column order.
+CLIENT_ATTRIBUTES = ("district", "region", "client_catg", "creation_day")
 
 # Larger than any real bill (the shared data peaks below 1e6 kWh per tier); above it is an
 # export error, not a customer.
 MAX_CONSUMPTION = 10_000_000
 MAX_CODE = 10**15
 COUNTER_TYPES = ("ELEC", "GAZ")
+# Plausible dates. Exports write placeholders such as 0001-01-01, 1000-01-01, 1900-01-01 or
+# 9999-12-31 for "unknown"; no electricity or gas bill of a living customer is dated before
+# 1950 or after 2099, so a date outside this window is a reject, not a history.
+MIN_YEAR, MAX_YEAR = 1950, 2099
+_EPOCH = np.datetime64("1970-01-01", "D")
+MIN_DAY = float((np.datetime64(f"{MIN_YEAR}-01-01", "D") - _EPOCH).astype(np.int64))
+MAX_DAY = float((np.datetime64(f"{MAX_YEAR}-12-31", "D") - _EPOCH).astype(np.int64))
+DATE_WINDOW = f"{MIN_YEAR}-01-01 to {MAX_YEAR}-12-31"
 
 INVOICE_SCHEMA: dict[str, dict[str, str]] = {
     "client_id": {"type": "string", "meaning": "customer id (join key)"},
-    "invoice_date": {"type": "date", "meaning": "invoice date, yyyy-mm-dd"},
+    "invoice_date": {
+        "type": "date",
+        "meaning": f"invoice date, yyyy-mm-dd, from {DATE_WINDOW}",
+    },
     "tarif_type": {"type": "integer", "meaning": "tariff code"},
     "counter_number": {"type": "integer", "meaning": "meter number"},
     "counter_statue": {"type": "string", "meaning": "meter status code; 0 = working"},
@@ -65,23 +79,24 @@ INVOICE_SCHEMA: dict[str, dict[str, str]] = {
     "consommation_level_3": {"type": "number", "meaning": "consumption billed in tier 3"},
     "consommation_level_4": {"type": "number", "meaning": "consumption billed in tier 4"},
     "months_number": {"type": "integer", "meaning": "months covered by the invoice"},
+    "counter_type": {"type": "string", "meaning": "ELEC or GAZ (energy the meter measures)"},
     "counter_coefficient": {"type": "integer", "meaning": "optional: meter coefficient"},
     "old_index": {"type": "number", "meaning": "optional: index at the previous reading"},
     "new_index": {"type": "number", "meaning": "optional: index at this reading"},
-    "counter_type": {"type": "string", "meaning": "optional: ELEC or GAZ"},
 }
 CLIENT_SCHEMA: dict[str, dict[str, str]] = {
     "client_id": {"type": "string", "meaning": "customer id (join key)"},
-    "region": {"type": "integer", "meaning": "region code; imputed when missing"},
+    "region": {"type": "integer", "meaning": "region code; unknown to the model if missing"},
     "creation_date": {
         "type": "date",
-        "meaning": "date the customer joined, dd/mm/yyyy or yyyy-mm-dd; imputed when missing",
+        "meaning": f"date the customer joined, dd/mm/yyyy or yyyy-mm-dd, from {DATE_WINDOW}; "
+        "missing (unknown to the model) when absent or invalid",
     },
     "disrict": {
         "type": "integer",
-        "meaning": "district code (source's spelling); imputed if missing",
+        "meaning": "district code (source's spelling); unknown to the model if missing",
     },
-    "client_catg": {"type": "integer", "meaning": "optional: client category"},
+    "client_catg": {"type": "integer", "meaning": "client category code; unknown if missing"},
 }
 
 
@@ -169,26 +184,44 @@ def _numbers(series: pd.Series) -> np.ndarray:
 
 
 def parse_dates(series: pd.Series, day_first: bool = False) -> np.ndarray:
-    """Days since 1970-01-01 as float64 (NaN where unparseable). ISO dates always accepted."""
+    """Days since 1970-01-01 as float64; NaN where the text is not a date.
+
+    Only `yyyy-mm-dd` (and `dd/mm/yyyy` when `day_first`) are dates: pandas alone would also
+    read words such as "today". Days are counted on the calendar, never through nanoseconds,
+    so 9999-12-31 stays in year 9999 (where `in_window` refuses it) instead of wrapping around.
+    """
     import pandas as pd
 
     if pd.api.types.is_datetime64_any_dtype(series):
-        parsed = pd.to_datetime(series, errors="coerce")
-        days = parsed.to_numpy(dtype="datetime64[ns]").astype("datetime64[D]").astype(np.float64)
-        days[pd.isna(parsed).to_numpy()] = np.nan
+        values = series.to_numpy()
+        days = values.astype("datetime64[D]").astype(np.int64).astype(np.float64)
+        days[pd.isna(series).to_numpy()] = np.nan
         return days
     codes, uniques = pd.factorize(series, use_na_sentinel=True)
     text = pd.Series(uniques, dtype=object).astype("string").str.strip()
-    parsed = pd.to_datetime(text, format="%Y-%m-%d", errors="coerce")
+    iso = text.str.fullmatch(r"\d{4}-\d{2}-\d{2}").fillna(False).astype(bool)
+    parsed = pd.to_datetime(text.where(iso), format="%Y-%m-%d", errors="coerce")
     if day_first:
-        parsed = parsed.fillna(pd.to_datetime(text, format="%d/%m/%Y", errors="coerce"))
-    unique_days = parsed.to_numpy(dtype="datetime64[ns]").astype("datetime64[D]").astype(np.float64)
-    unique_days[pd.isna(parsed).to_numpy()] = np.nan
+        dmy = text.str.fullmatch(r"\d{2}/\d{2}/\d{4}").fillna(False).astype(bool)
+        parsed = parsed.fillna(pd.to_datetime(text.where(dmy), format="%d/%m/%Y", errors="coerce"))
+    missing = pd.isna(parsed).to_numpy()
+    unique_days = (
+        parsed.to_numpy().astype("datetime64[D]").astype(np.int64).astype(np.float64)
+        if len(parsed)
+        else np.zeros(0)
+    )
+    unique_days[missing] = np.nan
     days = (
         unique_days[np.where(codes < 0, 0, codes)] if len(uniques) else np.full(len(codes), np.nan)
     )
     days[codes < 0] = np.nan
     return days
+
+
+def in_window(days: np.ndarray) -> np.ndarray:
+    """Which days lie in the plausible window (MIN_YEAR-01-01 .. MAX_YEAR-12-31); NaN is not."""
+    with np.errstate(invalid="ignore"):
+        return (days >= MIN_DAY) & (days <= MAX_DAY)
 
 
 def _status_text(uniques: pd.Series) -> pd.Series:
@@ -222,6 +255,7 @@ def prepare_invoices(raw: pd.DataFrame, row_offset: int = 0) -> PreparedInvoices
     reject(bad_id, "missing client_id")
     invoice_day = parse_dates(raw["invoice_date"])
     reject(np.isnan(invoice_day), "invalid invoice_date: expected yyyy-mm-dd")
+    reject(~in_window(invoice_day), f"invalid invoice_date: outside {DATE_WINDOW}")
 
     columns: dict[str, np.ndarray] = {"invoice_day": invoice_day}
     integer_like = ("tarif_type", "counter_number", "counter_code", "reading_remarque")
@@ -239,20 +273,22 @@ def prepare_invoices(raw: pd.DataFrame, row_offset: int = 0) -> PreparedInvoices
     status = normalise_status(raw["counter_statue"])
     reject((status == "").to_numpy(dtype=bool), "invalid counter_statue: missing")
 
-    for name in ("counter_coefficient", "old_index", "new_index"):
+    kind = _through_uniques(raw["counter_type"], lambda u: u.str.strip().str.upper())
+    known = kind.isin(COUNTER_TYPES).fillna(False).to_numpy(dtype=bool)
+    reject(~known, "invalid counter_type: not ELEC/GAZ")
+    for name in OPTIONAL_INVOICE_COLUMNS:
         if name in raw.columns:
             values = _numbers(raw[name])
             reject(~np.isfinite(values), f"invalid {name}: not a finite number")
-    if "counter_type" in raw.columns:
-        kind = _through_uniques(raw["counter_type"], lambda u: u.str.strip().str.upper())
-        known = kind.isin(COUNTER_TYPES).fillna(False).to_numpy(dtype=bool)
-        reject(~known, "invalid counter_type: not ELEC/GAZ")
+            reject(np.abs(values) > MAX_CODE, f"invalid {name}: absurd magnitude")
+            columns[name] = values
 
     bad = reasons != ""
     good = ~bad
     frame = pd.DataFrame({name: values[good] for name, values in columns.items()})
     frame.insert(0, "client_id", client_id[good].reset_index(drop=True))
     frame["counter_statue"] = status[good].reset_index(drop=True)
+    frame["counter_type"] = kind[good].reset_index(drop=True)
     rejects = Rejects(
         rows=np.flatnonzero(bad).astype(np.int64) + row_offset,
         client_ids=client_id[bad].to_numpy(dtype=object),
@@ -263,19 +299,19 @@ def prepare_invoices(raw: pd.DataFrame, row_offset: int = 0) -> PreparedInvoices
 
 @dataclass(frozen=True)
 class PreparedClients:
-    """Client attributes by client_id: region code and creation day (NaN where missing)."""
+    """Client attributes by client_id: codes and creation day (NaN where missing)."""
 
-    frame: pd.DataFrame  # index client_id; columns district, region, creation_day
+    frame: pd.DataFrame  # index client_id; columns district, region, client_catg, creation_day
     rejects: Rejects
 
 
 def prepare_clients(raw: pd.DataFrame | None) -> PreparedClients:
-    """Validate client attributes. A bad value is reported and treated as missing (imputed)."""
+    """Validate client attributes. A bad value is reported and treated as missing."""
     import pandas as pd
 
     if raw is None or len(raw) == 0:
         empty = pd.DataFrame(
-            {name: pd.Series(dtype=float) for name in ("district", "region", "creation_day")},
+            {name: pd.Series(dtype=float) for name in CLIENT_ATTRIBUTES},
             index=pd.Index([], name="client_id", dtype="string"),
         )
         return PreparedClients(empty, Rejects.empty())
@@ -285,20 +321,27 @@ def prepare_clients(raw: pd.DataFrame | None) -> PreparedClients:
     reasons = np.full(n, "", dtype=object)
     reasons[bad_id] = "missing client_id"
     codes = {}
-    for column in ("disrict", "region"):
+    for column in ("disrict", "region", "client_catg"):
         values = _numbers(raw[column]).copy() if column in raw.columns else np.full(n, np.nan)
         if column in raw.columns:
             given = raw[column].notna().to_numpy()
             bad = given & ~np.isfinite(values)
             bad |= np.isfinite(values) & ((values < 0) | (values > 1_000_000))
-            reasons[bad & (reasons == "")] = f"invalid {column}: not a code; imputed"
+            reasons[bad & (reasons == "")] = f"invalid {column}: not a code; treated as missing"
             values[bad] = np.nan
         codes[column] = values
     if "creation_date" in raw.columns:
         creation = parse_dates(raw["creation_date"], day_first=True)
         given = raw["creation_date"].notna().to_numpy()
         bad_date = given & np.isnan(creation)
-        reasons[bad_date & (reasons == "")] = "invalid creation_date: expected dd/mm/yyyy; imputed"
+        reasons[bad_date & (reasons == "")] = (
+            "invalid creation_date: expected dd/mm/yyyy; treated as missing"
+        )
+        implausible = given & ~np.isnan(creation) & ~in_window(creation)
+        reasons[implausible & (reasons == "")] = (
+            f"invalid creation_date: outside {DATE_WINDOW}; treated as missing"
+        )
+        creation = np.where(implausible, np.nan, creation)
     else:
         creation = np.full(n, np.nan)
     duplicated = client_id.duplicated(keep="first").to_numpy() & ~bad_id
@@ -308,6 +351,7 @@ def prepare_clients(raw: pd.DataFrame | None) -> PreparedClients:
         {
             "district": codes["disrict"][keep],
             "region": codes["region"][keep],
+            "client_catg": codes["client_catg"][keep],
             "creation_day": creation[keep],
         },
         index=pd.Index(client_id[keep], name="client_id"),
