@@ -1,11 +1,11 @@
-"""A verified artifact set and its models: load, check against the manifest, predict, explain.
+"""A verified artifact set: check every file against the manifest, load the models, score.
 
-Serving never unpickles. Training writes each model twice: the scikit-learn object
-(`*.joblib`, the reference, for anyone who wants sklearn) and its arrays (`*.npz`, loaded with
-`allow_pickle=False`, so loading cannot execute code). The served random forest walks all trees
-at once in numpy, which gives scikit-learn's probabilities (tests check 1e-9) without its
-per-tree Python overhead, and yields per-feature contributions (the path decomposition of each
-tree) that become the reasons an inspector reads.
+Serving never unpickles. Training writes each model twice: the training library's own form
+(the reference: LightGBM's text model, scikit-learn's `*.joblib`) and its arrays (`*.npz`,
+loaded with `allow_pickle=False`, so loading cannot execute code). Serving loads only the
+arrays: `trees.CompiledTrees` for the gradient-boosted model and the forest (their training
+libraries' probabilities to 1e-9, tests check), `linear.CompiledLogistic` for the logistic
+regression.
 
 `serving_files` says which files of a manifest serving loads: the cold start downloads only
 those (the `*.joblib` references stay in the store), and `verify_manifest` requires them, while a
@@ -25,19 +25,21 @@ from typing import Any
 import numpy as np
 
 from detector.features import FEATURE_NAMES
+from detector.model.linear import CompiledLogistic
+from detector.model.trees import CompiledTrees, TreeError
 
 MANIFEST = "manifest.json"
 FEATURES_FILE = "features.json"
 RESULTS_FILE = "training_results.json"
 SCALER_FILE = "scaler.npz"
-# Reference files are the pickled scikit-learn objects training writes next to the arrays: each
-# model's `reference_file` and the scaler's `scaler.joblib`, which the manifest names nowhere but
-# in `files`. The rule is the suffix: serving never unpickles, so no `*.joblib` file can be one it
-# loads; that is the no-pickle invariant restated, it needs nothing new in the manifest (it holds
-# for every version already published), and it errs on the safe side: any other file a future
-# training adds is downloaded and verified like the arrays until someone decides otherwise.
-# (Listing each model's `reference_file` would need `scaler.joblib` hard-coded beside it.)
+# Reference files are what training writes next to the arrays in the training library's own
+# form: each model's `reference_file` (LightGBM's text model, scikit-learn's pickles; sets
+# published before the gradient-boosted model also carry `scaler.joblib`, named nowhere but in
+# `files`). Serving reads none of them: every `*.joblib` (serving never unpickles: the no-pickle
+# invariant restated) and every model's `reference_file` is a reference; any other file is
+# downloaded and verified like the arrays.
 REFERENCE_SUFFIX = ".joblib"
+MODEL_KINDS = ("lightgbm", "random_forest", "logistic_regression")
 RISK_LEVELS = ("low", "elevated", "high", "critical")
 
 
@@ -65,17 +67,21 @@ def serving_files(manifest: Mapping[str, Any]) -> list[str]:
         if not isinstance(files, Mapping):
             raise TypeError("'files' is not an object")
         listed = [str(name) for name in files]
+        entries = dict(manifest.get("models", {})).values()
         loaded = {FEATURES_FILE, RESULTS_FILE, SCALER_FILE} | {
-            str(entry["serving_file"]) for entry in dict(manifest.get("models", {})).values()
+            str(entry["serving_file"]) for entry in entries
+        }
+        references = {name for name in listed if name.endswith(REFERENCE_SUFFIX)} | {
+            str(entry["reference_file"]) for entry in entries if entry.get("reference_file")
         }
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"{MANIFEST} is not a valid manifest: {exc!r}") from None
-    serving = sorted(name for name in listed if not name.endswith(REFERENCE_SUFFIX))
+    serving = sorted(name for name in listed if name not in references)
     unverifiable = sorted(loaded - set(serving))
     if unverifiable:
         raise ModelError(
             f"manifest: serving loads {', '.join(unverifiable)}, which must be listed in its files "
-            "and cannot be a *.joblib reference"
+            "and cannot be a reference file"
         )
     return serving
 
@@ -125,203 +131,6 @@ def _load_arrays(path: Path) -> dict[str, np.ndarray]:
 
 
 @dataclass(frozen=True)
-class Explained:
-    """Probabilities and, per feature, how much each pushed the score (same units as `base`)."""
-
-    probability: np.ndarray  # (n,)
-    contributions: np.ndarray | None  # (n, n_features); positive = towards theft
-
-
-class CompiledForest:
-    """All trees of a fitted forest as flat arrays, evaluated together.
-
-    At load the nodes are renumbered breadth-first so that a node's right child follows its left
-    child; one packed code per node (left child << 4 | feature) then makes each step of the walk
-    two gathers and a compare. Leaves point to themselves with an infinite threshold, so a
-    finished walk stays put. Each node also carries the sum of the score changes along its path,
-    per feature, so contributions come from the leaves alone.
-    """
-
-    CHUNK_PAIRS = 1 << 16  # (row, tree) pairs walked at once: keeps the working set in cache
-
-    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
-        feature = arrays["feature"].astype(np.int64)
-        threshold = arrays["threshold"].astype(np.float64)
-        left = arrays["left"].astype(np.int64)
-        right = arrays["right"].astype(np.int64)
-        value = arrays["value"].astype(np.float64)
-        roots = arrays["roots"].astype(np.int64)
-        n_nodes = len(feature)
-        internal = feature >= 0
-        if (
-            not (len(threshold) == len(left) == len(right) == len(value) == n_nodes)
-            or (
-                internal.any()
-                and (left[internal].max() >= n_nodes or right[internal].max() >= n_nodes)
-            )
-            or (feature.max(initial=0) >= 16)
-        ):
-            raise ModelError("random forest arrays are inconsistent")
-        new_id = np.full(n_nodes, -1, np.int64)
-        levels = [roots]
-        new_id[roots] = np.arange(len(roots))
-        assigned = len(roots)
-        parent_of = np.full(n_nodes, -1, np.int64)
-        level = roots
-        while len(level):
-            parents = level[internal[level]]
-            children = np.empty(2 * len(parents), np.int64)
-            children[0::2], children[1::2] = left[parents], right[parents]
-            parent_of[children] = np.repeat(parents, 2)
-            new_id[children] = assigned + np.arange(len(children))
-            assigned += len(children)
-            levels.append(children)
-            level = children
-        if assigned != n_nodes or (new_id < 0).any():
-            raise ModelError("random forest arrays are not a set of trees")
-        order = np.concatenate(levels)  # old ids in the new order
-        is_internal = internal[order]
-        child = np.where(
-            is_internal, new_id[np.where(is_internal, left[order], 0)], np.arange(n_nodes)
-        )
-        self.code = (child << 4) | np.where(is_internal, feature[order], 0)
-        self.child = child
-        self.split_feature = np.where(is_internal, feature[order], 0)
-        self.threshold = np.where(is_internal, threshold[order], np.inf)
-        self.value = value[order]
-        self.internal = is_internal
-        self.roots = new_id[roots]
-        # Path contributions: a child inherits its parent's and adds its own step.
-        contributions = np.zeros((n_nodes, int(feature.max(initial=0)) + 1))
-        for children in levels[1:]:
-            parents = parent_of[children]
-            rows = new_id[children]
-            contributions[rows] = contributions[new_id[parents]]
-            contributions[rows, feature[parents]] += value[children] - value[parents]
-        # float32 halves the memory the explain gather reads; reasons need no more precision.
-        self.path_contributions = contributions.astype(np.float32)
-
-    @property
-    def n_trees(self) -> int:
-        return len(self.roots)
-
-    @staticmethod
-    def from_sklearn(forest: Any) -> dict[str, np.ndarray]:
-        """Flatten a fitted RandomForestClassifier (binary) into the arrays this class loads."""
-        features, thresholds, lefts, rights, values, roots = [], [], [], [], [], []
-        offset = 0
-        for estimator in forest.estimators_:
-            tree = estimator.tree_
-            is_leaf = tree.children_left < 0
-            roots.append(offset)
-            features.append(np.where(is_leaf, -1, tree.feature))
-            thresholds.append(tree.threshold)
-            lefts.append(np.where(is_leaf, -1, tree.children_left + offset))
-            rights.append(np.where(is_leaf, -1, tree.children_right + offset))
-            proportions = tree.value[:, 0, :]
-            values.append(proportions[:, 1] / proportions.sum(axis=1))
-            offset += tree.node_count
-        return {
-            "feature": np.concatenate(features).astype(np.int16),
-            "threshold": np.concatenate(thresholds).astype(np.float64),
-            "left": np.concatenate(lefts).astype(np.int32),
-            "right": np.concatenate(rights).astype(np.int32),
-            "value": np.concatenate(values).astype(np.float64),
-            "roots": np.asarray(roots, dtype=np.int32),
-        }
-
-    def leaves(self, scaled: np.ndarray) -> np.ndarray:
-        """The leaf each row reaches in each tree: (n_rows, n_trees) node ids."""
-        # scikit-learn compares float32 features with float64 thresholds; do the same.
-        x = np.ascontiguousarray(scaled.astype(np.float32).astype(np.float64))
-        n_rows, n_features = x.shape
-        if n_rows == 1:
-            return self._one_row(x[0])[None, :]
-        n_trees = self.n_trees
-        out = np.empty((n_rows, n_trees), np.int64)
-        chunk = max(1, self.CHUNK_PAIRS // n_trees)
-        for start in range(0, n_rows, chunk):
-            flat = x[start : start + chunk].ravel()
-            rows = len(flat) // n_features
-            node = np.tile(self.roots, rows)
-            active = np.arange(len(node))
-            current = node
-            base = np.repeat(np.arange(rows) * n_features, n_trees)
-            step = 0
-            while True:
-                code = self.code[current]
-                current = (code >> 4) + (flat[base + (code & 15)] > self.threshold[current])
-                step += 1
-                if step % 6 == 0:  # dropping finished walks costs a pass; do it now and then
-                    node[active] = current
-                    keep = self.internal[current]
-                    if not keep.any():
-                        break
-                    active, current, base = active[keep], current[keep], base[keep]
-            out[start : start + rows] = node.reshape(rows, n_trees)
-        return out
-
-    def _one_row(self, x: np.ndarray) -> np.ndarray:
-        """One customer (the /predict path): fewer array operations per step, no compaction."""
-        node = self.roots.copy()
-        while True:
-            for _ in range(8):  # leaves point to themselves: extra steps are harmless
-                node = self.child[node] + (x[self.split_feature[node]] > self.threshold[node])
-            if not self.internal[node].any():
-                return node
-
-    def explain(self, scaled: np.ndarray, with_contributions: bool = True) -> Explained:
-        """Mean leaf probability over trees; contributions sum with the root mean to it."""
-        leaves = self.leaves(scaled)
-        probability = self.value[leaves].mean(axis=1)
-        if not with_contributions:
-            return Explained(probability, None)
-        n_features = scaled.shape[1]
-        summed = np.zeros((len(leaves), n_features))
-        paths = self.path_contributions
-        width = paths.shape[1]
-        if len(leaves) <= 64:
-            summed[:, :width] = paths[leaves].sum(axis=1, dtype=np.float64)
-        else:
-            # Tree by tree, so each gather stays in cache; `take` into one reused buffer and a
-            # float32 sum halve the cost of mixed-type `+=` on fresh arrays (1k rows: 17 -> 8 ms).
-            total = np.zeros((len(leaves), width), np.float32)
-            gathered = np.empty_like(total)
-            for tree_leaves in np.ascontiguousarray(leaves.T):
-                np.take(paths, tree_leaves, axis=0, out=gathered)
-                total += gathered
-            summed[:, :width] = total
-        return Explained(probability, summed / self.n_trees)
-
-    @property
-    def base_value(self) -> float:
-        return float(self.value[self.roots].mean())
-
-
-class CompiledLogistic:
-    """A binary logistic regression as its coefficients."""
-
-    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
-        self.coef = arrays["coef"].astype(np.float64).ravel()
-        self.intercept = float(np.asarray(arrays["intercept"]).ravel()[0])
-
-    @staticmethod
-    def from_sklearn(model: Any) -> dict[str, np.ndarray]:
-        return {
-            "coef": np.asarray(model.coef_, dtype=np.float64).ravel(),
-            "intercept": np.asarray(model.intercept_, dtype=np.float64).ravel(),
-        }
-
-    def explain(self, scaled: np.ndarray, with_contributions: bool = True) -> Explained:
-        logit = scaled @ self.coef + self.intercept
-        probability = 0.5 * (1.0 + np.tanh(0.5 * logit))  # the logistic, without overflow
-        return Explained(probability, scaled * self.coef if with_contributions else None)
-
-
-Compiled = CompiledForest | CompiledLogistic
-
-
-@dataclass(frozen=True)
 class ModelCard:
     """What the manifest says of one model: its file, threshold and risk bands."""
 
@@ -331,23 +140,40 @@ class ModelCard:
     threshold: float
     threshold_method: str
     risk_cutoffs: tuple[float, float, float]  # elevated, high, critical: score cut-offs
+    contributions: str  # how the per-feature contributions are computed, in which units
 
 
 @dataclass(frozen=True)
 class Scores:
-    """The model's answer for a batch of clients, row-aligned with the input."""
+    """The model's answer for a batch of clients, row-aligned with the input.
+
+    `features` are the values as given (NaN where missing); `contributions` (n, n_features)
+    sum with `base` to `margin` (log-odds, or probability for the forest).
+    """
 
     model: str
     model_version: str
     probability: np.ndarray
     flagged: np.ndarray
     risk_level: np.ndarray  # object array of RISK_LEVELS
-    features: np.ndarray  # the (imputed) feature values used
+    features: np.ndarray
     contributions: np.ndarray | None
+    margin: np.ndarray
+    base: float
+
+
+CONTRIBUTION_METHODS = {
+    "lightgbm": "path contributions (Saabas) of the trees, in log-odds",
+    "random_forest": "path contributions (Saabas) of the trees, in probability",
+    "logistic_regression": "coefficient x standardised value, in log-odds",
+}
 
 
 class ArtifactSet:
-    """A verified, loaded artifact folder: feature metadata, scaler and every served model."""
+    """A verified, loaded artifact folder: feature metadata, scaler and every served model.
+
+    Raises ModelError when a file is missing, fails its checksum or does not fit the others.
+    """
 
     def __init__(self, directory: Path, verify: bool = True) -> None:
         self.directory = Path(directory)
@@ -367,42 +193,82 @@ class ArtifactSet:
                 "artifacts were trained on different features than this code computes: "
                 f"{list(names)} != {list(FEATURE_NAMES)}"
             )
+        n_features = len(FEATURE_NAMES)
         self.features_meta: dict[str, Any] = self._read_json(FEATURES_FILE)
         self.training_results: dict[str, Any] = self._read_json(RESULTS_FILE)
-        fill = {f["name"]: f["fill_value"] for f in self.features_meta["features"]}
-        self.fill_values = np.array([fill[name] for name in FEATURE_NAMES], dtype=np.float64)
-        self.typical = np.array(
-            [f["median"] for f in self.features_meta["features"]], dtype=np.float64
-        )
+        try:
+            meta = {f["name"]: f for f in self.features_meta["features"]}
+            self.fill_values = np.array(
+                [float(meta[name]["fill_value"]) for name in FEATURE_NAMES], dtype=np.float64
+            )
+            self.typical = np.array(
+                [float(meta[name]["typical"]) for name in FEATURE_NAMES], dtype=np.float64
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(
+                f"{FEATURES_FILE} lacks a feature's fill or typical value: {exc!r}"
+            ) from None
+        if not (np.isfinite(self.fill_values).all() and np.isfinite(self.typical).all()):
+            raise ModelError(f"{FEATURES_FILE}: fill and typical values must be finite")
         scaler = _load_arrays(self.directory / SCALER_FILE)
         self.mean = scaler["mean"].astype(np.float64)
         self.scale = scaler["scale"].astype(np.float64)
-        if self.mean.shape != (len(FEATURE_NAMES),) or self.scale.shape != self.mean.shape:
-            raise ModelError(f"{SCALER_FILE} does not match the {len(FEATURE_NAMES)} features")
-        self.default_model: str = str(self.manifest.get("default_model", "random_forest"))
+        if self.mean.shape != (n_features,) or self.scale.shape != self.mean.shape:
+            raise ModelError(f"{SCALER_FILE} does not match the {n_features} features")
+        if (
+            not (np.isfinite(self.mean).all() and np.isfinite(self.scale).all())
+            or (self.scale <= 0).any()
+        ):
+            raise ModelError(f"{SCALER_FILE}: means must be finite and scales positive")
+        self.default_model: str = str(self.manifest.get("default_model", "lightgbm"))
         self.cards: dict[str, ModelCard] = {}
-        self.models: dict[str, Compiled] = {}
+        self.models: dict[str, CompiledTrees | CompiledLogistic] = {}
         for name, entry in dict(self.manifest.get("models", {})).items():
-            card = ModelCard(
-                name=name,
-                kind=str(entry["kind"]),
-                serving_file=str(entry["serving_file"]),
-                threshold=float(entry["threshold"]),
-                threshold_method=str(entry["threshold_method"]),
-                risk_cutoffs=tuple(float(c) for c in entry["risk_cutoffs"]),  # type: ignore[arg-type]
-            )
+            card = self._card(name, entry)
             arrays = _load_arrays(self.directory / card.serving_file)
-            compiled: Compiled
-            if card.kind == "random_forest":
-                compiled = CompiledForest(arrays)
-            elif card.kind == "logistic_regression":
-                compiled = CompiledLogistic(arrays)
-            else:
-                raise ModelError(f"{MANIFEST}: model {name} has unknown kind {card.kind!r}")
+            try:
+                compiled: CompiledTrees | CompiledLogistic
+                if card.kind == "lightgbm":
+                    compiled = CompiledTrees(arrays, "sum", n_features)
+                elif card.kind == "random_forest":
+                    compiled = CompiledTrees(arrays, "mean", n_features)
+                else:
+                    compiled = CompiledLogistic(arrays, n_features)
+            except (KeyError, TreeError, ValueError) as exc:
+                raise ModelError(f"{card.serving_file} is not a valid {card.kind}: {exc}") from None
             self.cards[name] = card
             self.models[name] = compiled
         if self.default_model not in self.models:
             raise ModelError(f"{MANIFEST}: default model {self.default_model!r} is not in the set")
+
+    @staticmethod
+    def _card(name: str, entry: Any) -> ModelCard:
+        try:
+            kind = str(entry["kind"])
+            if kind not in MODEL_KINDS:
+                raise ModelError(f"{MANIFEST}: model {name} has unknown kind {kind!r}")
+            cutoffs = tuple(float(c) for c in entry["risk_cutoffs"])
+            threshold = float(entry["threshold"])
+            card = ModelCard(
+                name=name,
+                kind=kind,
+                serving_file=str(entry["serving_file"]),
+                threshold=threshold,
+                threshold_method=str(entry["threshold_method"]),
+                risk_cutoffs=cutoffs,  # type: ignore[arg-type]
+                contributions=CONTRIBUTION_METHODS[kind],
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{MANIFEST}: model {name} is not described fully: {exc!r}") from None
+        scores = (threshold, *cutoffs)
+        if len(cutoffs) != 3 or not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in scores):
+            raise ModelError(
+                f"{MANIFEST}: model {name}: threshold and the 3 risk cut-offs must be "
+                "probabilities in [0, 1]"
+            )
+        if list(cutoffs) != sorted(cutoffs):
+            raise ModelError(f"{MANIFEST}: model {name}: risk cut-offs must not decrease")
+        return card
 
     def _read_json(self, name: str) -> dict[str, Any]:
         path = self.directory / name
@@ -410,8 +276,10 @@ class ArtifactSet:
             data: dict[str, Any] = json.loads(path.read_text())
         except FileNotFoundError:
             raise ModelError(f"artifact {name} is missing from {self.directory}") from None
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ModelError(f"artifact {name} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ModelError(f"artifact {name} is not a JSON object")
         return data
 
     @property
@@ -424,23 +292,27 @@ class ArtifactSet:
             raise KeyError(f"unknown model {chosen!r}; available: {', '.join(self.models)}")
         return chosen
 
-    def prepare(self, features: np.ndarray) -> np.ndarray:
-        """Impute missing values with the training medians; returns float64 (n, 14)."""
-        values = np.array(features, dtype=np.float64, copy=True).reshape(-1, len(FEATURE_NAMES))
+    def impute(self, values: np.ndarray) -> np.ndarray:
+        """Missing values replaced by the training split's medians (the forest and the logistic
+        regression cannot take NaN; the gradient-boosted model reads it as "unknown")."""
         missing = np.isnan(values)
-        if missing.any():
-            values[missing] = np.broadcast_to(self.fill_values, values.shape)[missing]
-        return values
+        if not missing.any():
+            return values
+        return np.where(missing, self.fill_values, values)
 
     def score(
         self, features: np.ndarray, model: str | None = None, with_contributions: bool = True
     ) -> Scores:
-        """Score raw feature rows (columns in FEATURE_NAMES order, NaN = missing)."""
+        """Score raw feature rows: (n, n_features) in FEATURE_NAMES order, NaN = missing."""
         name = self.resolve(model)
         card = self.cards[name]
-        values = self.prepare(features)
-        scaled = (values - self.mean) / self.scale
-        explained = self.models[name].explain(scaled, with_contributions)
+        values = np.array(features, dtype=np.float64, copy=True).reshape(-1, len(FEATURE_NAMES))
+        compiled = self.models[name]
+        if card.kind == "lightgbm":
+            explained = compiled.explain(values, with_contributions)
+        else:
+            scaled = (self.impute(values) - self.mean) / self.scale
+            explained = compiled.explain(scaled, with_contributions)
         probability = explained.probability
         band = np.searchsorted(np.asarray(card.risk_cutoffs), probability, side="right")
         return Scores(
@@ -451,6 +323,8 @@ class ArtifactSet:
             risk_level=np.asarray(RISK_LEVELS, dtype=object)[band],
             features=values,
             contributions=explained.contributions,
+            margin=explained.margin,
+            base=explained.base,
         )
 
 
