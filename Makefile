@@ -49,7 +49,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 train: $(STAMP)
-	$(VENV)/bin/ptd train --data $(DATA) --out models_artifacts
+	$(VENV)/bin/ptd train --data $(DATA) --out models_artifacts --baseline docs/baseline-20261127-edbd3118db.json
 
 bench: $(STAMP) azurite
 	$(PY) -m benchmarks

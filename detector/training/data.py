@@ -1,0 +1,96 @@
+"""Labelled training data: the STEG tables prepared once, labels per client, and the feature
+matrices of each view (full history, cut 12 or 24 months before the last invoice)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from detector.features import FEATURE_NAMES, compute_features
+from detector.features.views import cut_before_last
+from detector.model import sha256_file
+from detector.schema import (
+    CLIENT_COLUMNS,
+    INVOICE_COLUMNS,
+    InputError,
+    PreparedClients,
+    prepare_clients,
+    prepare_invoices,
+)
+from detector.tables import read_table
+
+
+def find_table(data_dir: Path, stem: str) -> Path:
+    """`DIR/stem.parquet` or `DIR/stem.csv`; InputError names what is missing."""
+    for suffix in (".parquet", ".csv"):
+        candidate = data_dir / f"{stem}{suffix}"
+        if candidate.is_file():
+            return candidate
+    raise InputError(f"{data_dir}: no {stem}.parquet or {stem}.csv")
+
+
+@dataclass
+class LabelledData:
+    """Valid invoice rows, client attributes and a 0/1 label for every client that has both."""
+
+    invoices: pd.DataFrame  # prepared: every row valid, only labelled clients
+    clients: PreparedClients
+    labels: pd.Series  # 0/1 by client_id, sorted by client_id
+    fingerprint: str  # SHA-256 over the input files' names and checksums
+    summary: dict[str, Any]
+    _views: dict[tuple[int, tuple[str, ...]], pd.DataFrame] = field(default_factory=dict)
+
+    def features(self, months: int = 0, names: tuple[str, ...] = FEATURE_NAMES) -> pd.DataFrame:
+        """Features of every labelled client in a view (cut `months` before the last invoice;
+        clients left without invoices drop out), indexed by client_id, sorted."""
+        key = (months, tuple(names))
+        if key not in self._views:
+            invoices = cut_before_last(self.invoices, months)
+            self._views[key] = compute_features(invoices, self.clients, names)
+        return self._views[key]
+
+
+def load_labelled(data_dir: Path) -> LabelledData:
+    """`clients_train` (with `target`) and `invoices_train` from DIR, Parquet or CSV.
+
+    Raises InputError when a table is missing or carries no labels.
+    """
+    data_dir = Path(data_dir)
+    clients_path = find_table(data_dir, "clients_train")
+    invoices_path = find_table(data_dir, "invoices_train")
+    fingerprint = hashlib.sha256()
+    for path in (clients_path, invoices_path):
+        fingerprint.update(f"{path.name}:{sha256_file(path)};".encode())
+    raw_clients = read_table(clients_path, (*CLIENT_COLUMNS, "target"))
+    if "target" not in raw_clients.columns:
+        raise InputError(f"{clients_path}: no 'target' column with the fraud labels")
+    prepared = prepare_invoices(read_table(invoices_path, INVOICE_COLUMNS))
+    clients = prepare_clients(raw_clients)
+    target = pd.to_numeric(raw_clients["target"], errors="coerce")
+    by_client = pd.Series(
+        target.to_numpy(), index=raw_clients["client_id"].astype("string").str.strip()
+    )
+    by_client = by_client[~by_client.index.duplicated()]
+    with_invoices = pd.Index(pd.unique(prepared.frame["client_id"]))
+    labels = by_client.reindex(with_invoices.sort_values())
+    labelled = labels.isin([0, 1]).to_numpy()
+    labels = labels[labelled].astype(np.int64)
+    labels.index.name = "client_id"
+    invoices = prepared.frame[prepared.frame["client_id"].isin(labels.index)].reset_index(drop=True)
+    summary = {
+        "clients": len(raw_clients),
+        "invoice_rows": len(prepared.frame) + len(prepared.rejects),
+        "invoice_rows_rejected": len(prepared.rejects),
+        "invoice_rows_rejected_by_reason": prepared.rejects.counts(),
+        "clients_with_invoices": len(with_invoices),
+        "clients_without_label": int((~labelled).sum()),
+        "clients_without_invoices": int((~by_client.index.isin(with_invoices)).sum()),
+        "labelled_clients": len(labels),
+        "fraud_rate": round(float(labels.mean()), 5) if len(labels) else 0.0,
+    }
+    return LabelledData(invoices, clients, labels, fingerprint.hexdigest(), summary)
