@@ -617,6 +617,8 @@ def create_app(
             entry = dict(results.get("models", {}).get(name, {}))
             models[name] = {
                 "kind": card.kind,
+                "contributions": card.contributions,
+                "training_views": entry.get("training_views"),
                 "threshold": card.threshold,
                 "threshold_method": card.threshold_method,
                 "risk_cutoffs": dict(
@@ -657,7 +659,8 @@ def create_app(
                         "min": s.min,
                         "max": s.max,
                         "source": s.source,
-                        "required": s.source == "invoices",
+                        "kind": s.kind,
+                        "required": s.required,
                     }
                     for s in FEATURES
                 ],

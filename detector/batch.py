@@ -94,13 +94,18 @@ def _features_from_table(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFram
     values = {}
     for spec in FEATURES:
         column = pd.to_numeric(table[spec.name], errors="coerce").astype(np.float64)
-        # Client attributes may be missing (imputed); invoice features may not.
+        # Features that every client has may not be missing; the others may (then unknown).
         bad = (column < spec.min) | (column > spec.max) | np.isinf(column)
-        if spec.source == "invoices":
+        if spec.required:
             bad |= column.isna()
+        if spec.kind == "categorical":
+            bad |= column.notna() & (column != np.trunc(column))
         reasons[bad & (reasons == "")] = (
-            f"invalid {spec.name}: missing or outside [{spec.min}, {spec.max}]"
-        )
+            f"invalid {spec.name}: "
+            + ("missing or " if spec.required else "")
+            + ("not an integer code " if spec.kind == "categorical" else "")
+            + f"outside [{spec.min:g}, {spec.max:g}]"
+        ).replace("code outside", "code or outside")
         values[spec.name] = column
     duplicated = ids.duplicated(keep="first") & (reasons == "")
     reasons[duplicated] = "duplicate client_id: first row used"
@@ -149,7 +154,7 @@ def score_frames(
     with_reasons: bool = True,
 ) -> BatchResult:
     """Score a table of invoice rows (client attributes as extra columns or in `clients`),
-    or a features table (client_id and the 14 features)."""
+    or a features table (client_id and the served features)."""
     started = time.perf_counter()
     name = artifacts.resolve(model)
     if is_features_table(table.columns):

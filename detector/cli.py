@@ -109,18 +109,42 @@ def _train(args: argparse.Namespace) -> int:
     from detector.training import train
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    results = train(Path(args.data), Path(args.out), cv_folds=args.folds)
+    results = train(
+        Path(args.data),
+        Path(args.out),
+        cv_folds=args.folds,
+        baseline=Path(args.baseline) if args.baseline else None,
+    )
     for name, entry in results["models"].items():
-        holdout, cv = entry["holdout"], entry["cross_validation"]
+        holdout = entry["holdout"]
+        views = ", ".join(f"{view} {m['roc_auc']:.4f}" for view, m in holdout.items())
         print(
-            f"{name}: holdout ROC-AUC {holdout['roc_auc']:.4f}, PR-AUC {holdout['pr_auc']:.4f}, "
-            f"top-1% precision {holdout['precision_top_1pct']:.3f}; "
-            f"CV ROC-AUC {cv['roc_auc_mean']:.4f} ± {cv['roc_auc_std']:.4f}",
+            f"{name} ({entry['strategy']}): holdout ROC-AUC {views}; full histories: PR-AUC "
+            f"{holdout['full']['pr_auc']:.4f}, top-1% precision "
+            f"{holdout['full']['precision_top_1pct']:.3f}",
             file=sys.stderr,
         )
     print(
         f"model version {results['model_version']} written to {args.out} "
         f"in {results['total_seconds']:.0f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _select_features(args: argparse.Namespace) -> int:
+    import json
+
+    from detector.training.selection import markdown, select_features
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    report = select_features(Path(args.data), cv_folds=args.folds)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(report))
+    print(
+        f"ranked {report['usable_candidates']} candidates in {report['seconds']:.0f} s; the top "
+        f"{report['chosen_size']}: {', '.join(report['chosen'])}; report in {args.out}",
         file=sys.stderr,
     )
     return 0
@@ -161,7 +185,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", required=True, help="folder with clients_train and invoices_train")
     train.add_argument("--out", required=True, help="artifact folder to write")
     train.add_argument("--folds", type=int, default=5, help="cross-validation folds")
+    train.add_argument(
+        "--baseline", help="JSON figures of the model this one replaces (for the model card)"
+    )
     train.set_defaults(handler=_train)
+
+    select = sub.add_parser(
+        "select-features", help="rank the candidate features on the training split"
+    )
+    select.add_argument(
+        "--data", required=True, help="folder with clients_train and invoices_train"
+    )
+    select.add_argument("--out", required=True, help="JSON report to write")
+    select.add_argument("--markdown", help="also write the report as Markdown")
+    select.add_argument("--folds", type=int, default=5, help="cross-validation folds")
+    select.set_defaults(handler=_select_features)
     return parser
 
 

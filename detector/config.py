@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models_artifacts"
-MODEL_NAMES = ("random_forest", "logistic_regression")
+MODEL_NAMES = ("lightgbm", "random_forest", "logistic_regression")
 # Functions instances may write only to the temp folder; the cache lives there.
 DEFAULT_CACHE_DIR = Path(tempfile.gettempdir()) / "ptd-models"
 
@@ -47,7 +47,7 @@ class Settings:
     model_version: str = ""  # PTD_MODEL_VERSION: pin a published version; empty = the pointer
     model_container: str = "models"  # PTD_MODEL_CONTAINER
     model_cache_dir: Path = DEFAULT_CACHE_DIR  # PTD_MODEL_CACHE_DIR
-    default_model: str = "random_forest"  # PTD_DEFAULT_MODEL
+    default_model: str = "lightgbm"  # PTD_DEFAULT_MODEL
     storage_connection: str = "STORAGE"  # name of the connection setting prefix (see store.py)
     batch_in_container: str = "batch-in"  # PTD_BATCH_IN_CONTAINER
     batch_out_container: str = "batch-out"  # PTD_BATCH_OUT_CONTAINER
@@ -68,7 +68,7 @@ class Settings:
         source = env.get("PTD_MODEL_SOURCE", "local").strip().lower() or "local"
         if source not in ("local", "blob"):
             raise ConfigError(f"setting PTD_MODEL_SOURCE={source!r} must be 'local' or 'blob'")
-        default_model = env.get("PTD_DEFAULT_MODEL", "random_forest").strip() or "random_forest"
+        default_model = env.get("PTD_DEFAULT_MODEL", "lightgbm").strip() or "lightgbm"
         if default_model not in MODEL_NAMES:
             raise ConfigError(
                 f"setting PTD_DEFAULT_MODEL={default_model!r} must be one of "

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from detector.features import FEATURE_NAMES
+from detector.features import CANDIDATE_INDEX, FEATURE_NAMES
 
 
 @dataclass(slots=True)  # not frozen: batches build tens of thousands of these
@@ -39,53 +39,116 @@ def _compare(v: float, typical: float) -> str:
     return "above" if v > typical else "below"
 
 
-def _trend(v: float, t: float) -> str:
-    if v < 1:
+def _share(what: str) -> Callable[[float, float], str]:
+    return lambda v, t: f"{_pct(v)} of {what} (typical: {_pct(t)})"
+
+
+def _code(what: str) -> Callable[[float, float], str]:
+    return lambda v, t: f"{what} {v:.0f} has more confirmed fraud in the training data"
+
+
+def _new_meter(v: float, t: float) -> str:
+    usual = "none added later" if t == 0 else f"{t:.1f} years"
+    return f"a new meter appeared {v:.1f} years into the billing history (typical: {usual})"
+
+
+def _latest_meter(v: float, t: float) -> str:
+    if v >= 1:
         return (
-            f"billed consumption fell {1 - v:.0%} below the customer's own earlier level "
-            "in the latest invoices"
+            f"consumption on the newest meter is {v:.1f} times that on the earlier ones "
+            f"(typical: {t:.1f})"
         )
-    return f"billed consumption rose {v - 1:.0%} above the customer's own earlier level"
+    return (
+        f"consumption on the newest meter is {1 - v:.0%} below that on the earlier ones "
+        f"(typical: {t:.1f} times)"
+    )
 
 
+def _variation(v: float, t: float) -> str:
+    much = "a lot" if v > t else "little"
+    return (
+        f"monthly electricity consumption varies {much} from bill to bill (coefficient of "
+        f"variation {v:.2f}, typical: {t:.2f})"
+    )
+
+
+def _slope(v: float, t: float) -> str:
+    direction = "rises" if v >= 0 else "falls"
+    return (
+        f"electricity consumption {direction} by {abs(v):.0%} of its mean per year "
+        f"(typical: {t:+.0%})"
+    )
+
+
+def _creation_delay(v: float, t: float) -> str:
+    if v < 0:
+        return f"first invoice {-v:.1f} years before the customer's creation date"
+    return f"first invoice {v:.1f} years after the customer was created (typical: {t:.1f})"
+
+
+# The served features in an inspector's words; any other catalog feature gets `_generic`.
 _TEXTS: dict[str, Callable[[float, float], str]] = {
-    "first_invoice_year": lambda v, t: f"billing history starts in {int(v)} (typical: {int(t)})",
-    "history_years": lambda v, t: f"{v:.1f} years of billing history (typical: {t:.1f})",
-    "n_meters": lambda v, t: (
-        f"{v:.0f} different meters billed (typical: {t:.0f}): meters were replaced or added"
+    "new_meter_after_years": _new_meter,
+    "region": _code("region"),
+    "district": _code("district"),
+    "client_catg": _code("client category"),
+    "code_mode": lambda v, t: (
+        f"mostly billed on meters of model {v:.0f}, a model with more confirmed fraud in the "
+        "training data"
     ),
-    "abnormal_status_share": lambda v, t: (
-        f"{_pct(v)} of invoices report the meter as not working normally (typical: {_pct(t)})"
+    "elec_n_codes": lambda v, t: (
+        f"{v:.0f} different electricity meter models billed (typical: {t:.0f}): the meter was "
+        "changed for another model"
     ),
-    "mean_reading_remark": lambda v, t: (
-        f"agents' reading remarks average {v:.1f} (typical: {t:.1f}): problems noted at readings"
+    "elec_n_meters": lambda v, t: (
+        f"{v:.0f} different electricity meters billed (typical: {t:.0f}): meters were replaced "
+        "or added"
     ),
-    "mean_monthly_consumption": lambda v, t: (
-        f"mean billed consumption of {v:.0f} per month is {_compare(v, t)} the typical {t:.0f}"
+    "latest_meter_cons_ratio": _latest_meter,
+    "code_203_share": _share("invoices from meters of model 203"),
+    "code_207_share": _share("invoices from meters of model 207"),
+    "code_413_share": _share("invoices from meters of model 413"),
+    "code_420_share": _share("invoices from meters of model 420"),
+    "elec_cons_cv": _variation,
+    "first_year": lambda v, t: f"billing history starts in {int(v)} (typical: {int(t)})",
+    "gaz_first_year": lambda v, t: f"gas billing starts in {int(v)} (typical: {int(t)})",
+    "creation_year": lambda v, t: f"customer since {int(v)} (typical: {int(t)})",
+    "creation_to_first_invoice_years": _creation_delay,
+    "elec_cons_std": lambda v, t: (
+        f"electricity consumption swings by {v:.0f} per month around its mean (typical: {t:.0f})"
     ),
-    "max_monthly_consumption": lambda v, t: (
+    "elec_cons_min": lambda v, t: (
+        f"lowest electricity consumption on a bill: {v:.0f} per month (typical: {t:.0f})"
+    ),
+    "elec_cons_median": lambda v, t: (
+        f"median electricity consumption of {v:.0f} per month is {_compare(v, t)} the "
+        f"typical {t:.0f}"
+    ),
+    "cons_max": lambda v, t: (
         f"peak billed consumption of {v:.0f} per month is {_compare(v, t)} the typical {t:.0f}"
     ),
-    "consumption_trend": _trend,
-    "high_tier_share": lambda v, t: (
-        f"{_pct(v)} of consumption billed in the top tiers (typical: {_pct(t)})"
+    "elec_remark_8_share": _share("electricity readings with the agent's remark 8"),
+    "remark_6_share": _share("readings with the agent's remark 6"),
+    "gap_max_days": lambda v, t: (
+        f"longest gap between two readings of one meter: {v:.0f} days (typical: {t:.0f})"
     ),
-    "mean_counter_code": lambda v, t: (
-        f"meter model codes (mean {v:.0f}) of a kind with more confirmed fraud in the training data"
+    "irregular_period_share": _share("invoices covering an unusual period (not 4 months)"),
+    "elec_cons_slope": _slope,
+    "elec_tier1_share": _share("electricity consumption billed in the lowest tier"),
+    "elec_status_abnormal_share": _share(
+        "electricity invoices reporting the meter as not working normally"
     ),
-    "mean_tariff_type": lambda v, t: (
-        f"tariff codes (mean {v:.0f}) of a kind with more confirmed fraud in the training data"
-    ),
-    "district": lambda v, t: f"district {v:.0f} has more confirmed fraud in the training data",
-    "region": lambda v, t: f"region {v:.0f} has more confirmed fraud in the training data",
-    "client_age_years": lambda v, t: (
-        f"customer for {v:.1f} years at the last invoice (typical: {t:.1f})"
-    ),
+    "tariff_11_share": _share("invoices on tariff 11"),
+    "elec_n_invoices": lambda v, t: f"{v:.0f} electricity invoices (typical: {t:.0f})",
 }
-assert set(_TEXTS) == set(FEATURE_NAMES)  # import-time invariant  # nosec B101
 
 
-_TEXT_BY_INDEX = tuple(_TEXTS[name] for name in FEATURE_NAMES)
+def _generic(name: str) -> Callable[[float, float], str]:
+    description = CANDIDATE_INDEX[name].description
+    return lambda v, t: f"{description}: {v:.4g} (typical: {t:.4g})"
+
+
+_TEXT_BY_INDEX = tuple(_TEXTS.get(name) or _generic(name) for name in FEATURE_NAMES)
 
 
 def _top(
@@ -99,9 +162,9 @@ def _top(
     values = np.atleast_2d(np.asarray(values, dtype=np.float64))
     pushes = np.array(np.atleast_2d(contributions), dtype=np.float64, copy=True)
     # A value equal to the typical customer's cannot explain why this one scores high, whatever
-    # the trees did with it (interactions): it is never given as a reason.
+    # the trees did with it (interactions), nor can a missing one: neither is given as a reason.
     equal = np.abs(values - typical) <= 1e-9 * np.maximum(1.0, np.abs(typical))
-    pushes[equal | ~(pushes > 1e-9)] = -np.inf
+    pushes[equal | np.isnan(values) | ~(pushes > 1e-9)] = -np.inf
     order = np.argsort(-pushes, axis=1, kind="stable")[:, :limit]
     top = np.take_along_axis(pushes, order, axis=1)
     keep = top > -np.inf  # sorted, so each row's kept reasons come first

@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, NotRequired
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NotRequired
 
 import numpy as np
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
@@ -44,27 +44,33 @@ Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"\S")]
 Code = Annotated[int, Field(ge=-INT64, le=INT64)]
 
 
-class FeatureValues(TypedDict):
-    """The 14 features; the three client attributes may be null or absent (then imputed)."""
-
-    __pydantic_config__ = STRICT  # type: ignore[misc]
-
-    first_invoice_year: Annotated[float, _bounded("first_invoice_year")]
-    history_years: Annotated[float, _bounded("history_years")]
-    n_meters: Annotated[float, _bounded("n_meters")]
-    abnormal_status_share: Annotated[float, _bounded("abnormal_status_share")]
-    mean_reading_remark: Annotated[float, _bounded("mean_reading_remark")]
-    mean_monthly_consumption: Annotated[float, _bounded("mean_monthly_consumption")]
-    max_monthly_consumption: Annotated[float, _bounded("max_monthly_consumption")]
-    consumption_trend: Annotated[float, _bounded("consumption_trend")]
-    high_tier_share: Annotated[float, _bounded("high_tier_share")]
-    mean_counter_code: Annotated[float, _bounded("mean_counter_code")]
-    mean_tariff_type: Annotated[float, _bounded("mean_tariff_type")]
-    district: NotRequired[Annotated[float | None, _bounded("district")]]
-    region: NotRequired[Annotated[float | None, _bounded("region")]]
-    client_age_years: NotRequired[Annotated[float | None, _bounded("client_age_years")]]
+def _feature_field(spec: FeatureSpec) -> Any:
+    """A feature's type: a bounded number (an integer for a categorical code), nullable unless
+    every client with an invoice has it (`FeatureSpec.required`)."""
+    kind: Any = int if spec.kind == "categorical" else float
+    bounded: Any = Annotated[kind, _bounded(spec.name)]
+    if spec.required:
+        return bounded
+    return NotRequired[bounded | None]
 
 
+def _feature_values() -> Any:
+    """The served features as a strict TypedDict, built from the catalog: the request schema
+    follows the served set."""
+    fields = {spec.name: _feature_field(spec) for spec in FEATURES}
+    typed: Any = TypedDict("FeatureValues", fields)  # type: ignore[misc]
+    typed.__doc__ = (
+        f"The {len(FEATURES)} served features (GET /api/features lists them); those that may be "
+        "missing may be null or absent."
+    )
+    typed.__pydantic_config__ = STRICT  # type: ignore[attr-defined]
+    return typed
+
+
+if TYPE_CHECKING:
+    FeatureValues = dict[str, float | int | None]
+else:
+    FeatureValues = _feature_values()
 assert tuple(FeatureValues.__annotations__) == FEATURE_NAMES, "FeatureValues != FEATURE_NAMES"  # nosec B101
 
 
@@ -85,14 +91,14 @@ class Invoice(TypedDict):
     consommation_level_3: float
     consommation_level_4: float
     months_number: Code
+    counter_type: Annotated[str, Field(max_length=16, description="ELEC or GAZ")]
     counter_coefficient: NotRequired[Code]
     old_index: NotRequired[float]
     new_index: NotRequired[float]
-    counter_type: NotRequired[Annotated[str, Field(max_length=16)]]
 
 
 class Client(TypedDict, total=False):
-    """Client attributes; missing ones are imputed with the training medians."""
+    """Client attributes; a missing one is unknown to the model."""
 
     __pydantic_config__ = STRICT  # type: ignore[misc]
 
@@ -404,7 +410,7 @@ def _history_features(
             index = int(origin[int(row)])
             if index in errors:
                 continue
-            reason = str(reason).removesuffix("; imputed")
+            reason = str(reason).removesuffix("; treated as missing")
             column = reason.split(":", 1)[0].removeprefix("invalid ")
             errors[index] = RecordError(
                 "invalid_value",
@@ -451,7 +457,7 @@ def score_records(
         values = [
             [r["features"].get(name, nan) for name in FEATURE_NAMES] for _, r in features_valid
         ]
-        matrix = np.array(values, dtype=np.float64)  # null (None) becomes NaN: imputed
+        matrix = np.array(values, dtype=np.float64)  # null (None) becomes NaN: missing
         blocks.append(matrix)
         rows.extend(i for i, _ in features_valid)
     if history_valid:
