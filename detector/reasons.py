@@ -138,8 +138,27 @@ _TEXTS: dict[str, Callable[[float, float], str]] = {
     "elec_status_abnormal_share": _share(
         "electricity invoices reporting the meter as not working normally"
     ),
-    "tariff_11_share": _share("invoices on tariff 11"),
+    "tariff_9_share": _share("invoices on tariff 9"),
+    "tariff_10_share": _share("invoices on tariff 10"),
+    "status_5_share": _share("invoices with meter status 5"),
+    "elec_remark_6_share": _share("electricity readings with the agent's remark 6"),
+    "gaz_remark_8_share": _share("gas readings with the agent's remark 8"),
+    "remark_8_share": _share("readings with the agent's remark 8"),
     "elec_n_invoices": lambda v, t: f"{v:.0f} electricity invoices (typical: {t:.0f})",
+    "n_invoices": lambda v, t: f"{v:.0f} invoices in the history (typical: {t:.0f})",
+    "cons_mean": lambda v, t: (
+        f"mean billed consumption of {v:.0f} per month is {_compare(v, t)} the typical {t:.0f}"
+    ),
+    "gaz_cons_median": lambda v, t: (
+        f"median gas consumption of {v:.0f} per month is {_compare(v, t)} the typical {t:.0f}"
+    ),
+    "gaz_cons_cv": lambda v, t: (
+        f"monthly gas consumption varies {'a lot' if v > t else 'little'} from bill to bill "
+        f"(coefficient of variation {v:.2f}, typical: {t:.2f})"
+    ),
+    "meter_changes": lambda v, t: (
+        f"the billed meter changed {v:.0f} times from one invoice to the next (typical: {t:.0f})"
+    ),
 }
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NotRequired
 
 import numpy as np
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, ConfigDict, Field, TypeAdapter, ValidationError
 from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 
 from detector.config import Settings
@@ -44,11 +44,19 @@ Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"\S")]
 Code = Annotated[int, Field(ge=-INT64, le=INT64)]
 
 
+def _integer_code(value: float) -> float:
+    if value != int(value):
+        raise ValueError("a categorical code must be a whole number")
+    return value
+
+
 def _feature_field(spec: FeatureSpec) -> Any:
-    """A feature's type: a bounded number (an integer for a categorical code), nullable unless
-    every client with an invoice has it (`FeatureSpec.required`)."""
-    kind: Any = int if spec.kind == "categorical" else float
-    bounded: Any = Annotated[kind, _bounded(spec.name)]
+    """A feature's type: a bounded number (a whole number for a categorical code: 101 or
+    101.0, not 101.5), nullable unless every client with an invoice has it
+    (`FeatureSpec.required`)."""
+    bounded: Any = Annotated[float, _bounded(spec.name)]
+    if spec.kind == "categorical":
+        bounded = Annotated[float, _bounded(spec.name), AfterValidator(_integer_code)]
     if spec.required:
         return bounded
     return NotRequired[bounded | None]

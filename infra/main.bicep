@@ -105,10 +105,11 @@ param modelVersion string = ''
 
 @description('PTD_DEFAULT_MODEL: model used when a request names none.')
 @allowed([
+  'lightgbm'
   'random_forest'
   'logistic_regression'
 ])
-param defaultModel string = 'random_forest'
+param defaultModel string = 'lightgbm'
 
 @description('PTD_MAX_BATCH_RECORDS: records accepted by one POST /api/predict_batch.')
 @minValue(1)

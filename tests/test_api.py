@@ -30,22 +30,50 @@ from detector.telemetry import METRICS, JsonFormatter, correlation_from_headers
 from tests.synthetic import make_steg
 
 KEY = "k" * 24
-FEATURES_BODY = {
-    "first_invoice_year": 2012.5,
-    "history_years": 3.5,
-    "n_meters": 2,
-    "abnormal_status_share": 0.25,
-    "mean_reading_remark": 8,
-    "mean_monthly_consumption": 90.0,
-    "max_monthly_consumption": 400,
-    "consumption_trend": 0.3,
-    "high_tier_share": 0.0,
-    "mean_counter_code": 203,
-    "mean_tariff_type": 11,
-    "district": 60,
+# A client with electricity and gas, a meter added 6 years in; every served feature given.
+FEATURES_BODY: dict[str, Any] = {
+    "new_meter_after_years": 6.2,
     "region": 101,
-    "client_age_years": 12.0,
+    "elec_n_codes": 2,
+    "elec_n_meters": 2,
+    "code_207_share": 0.3,
+    "latest_meter_cons_ratio": 0.4,
+    "elec_cons_cv": 0.9,
+    "code_mode": 203,
+    "first_year": 2006.5,
+    "elec_cons_std": 80.0,
+    "creation_to_first_invoice_years": 2.3,
+    "creation_year": 2004.2,
+    "elec_cons_min": 0.0,
+    "elec_remark_8_share": 0.25,
+    "code_413_share": 0.0,
+    "gap_max_days": 480,
+    "client_catg": 11,
+    "elec_status_abnormal_share": 0.0,
+    "code_420_share": 0.0,
+    "code_203_share": 0.5,
+    "elec_cons_slope": -0.15,
+    "elec_tier1_share": 0.9,
+    "elec_n_invoices": 30,
+    "elec_cons_median": 85.0,
+    "irregular_period_share": 0.2,
+    "tariff_10_share": 0.0,
+    "status_5_share": 0.0,
+    "elec_remark_6_share": 0.5,
+    "remark_6_share": 0.5,
+    "cons_max": 410.0,
+    "gaz_cons_median": 40.0,
+    "gaz_first_year": 2008.1,
+    "cons_mean": 75.0,
+    "gaz_cons_cv": 0.6,
+    "meter_changes": 1,
+    "gaz_remark_8_share": 0.1,
+    "remark_8_share": 0.2,
+    "tariff_9_share": 0.0,
+    "district": 60,
+    "n_invoices": 45,
 }
+assert list(FEATURES_BODY) == list(FEATURE_NAMES)
 
 
 @pytest.fixture(scope="module")
@@ -121,13 +149,15 @@ def test_model_info(client: TestClient, tiny_artifacts: ArtifactSet) -> None:
     info = client.get("/api/model_info").json()
     assert info["model_version"] == tiny_artifacts.version
     assert info["trained_at"] == tiny_artifacts.training_results["trained_at"]
-    assert info["default_model"] == "random_forest"
-    assert sorted(info["available_models"]) == ["logistic_regression", "random_forest"]
+    assert info["default_model"] == "lightgbm"
+    assert sorted(info["available_models"]) == ["lightgbm", "logistic_regression", "random_forest"]
     assert info["libraries"]["numpy"] == np.__version__
     for name, card in tiny_artifacts.cards.items():
         assert info["models"][name]["threshold"] == card.threshold
         holdout = tiny_artifacts.training_results["models"][name]["holdout"]
-        assert info["models"][name]["metrics"]["holdout"]["roc_auc"] == holdout["roc_auc"]
+        assert info["models"][name]["metrics"]["holdout"] == holdout
+        assert set(holdout) == {"full", "cut_12m", "cut_24m"}
+        assert info["models"][name]["contributions"] == card.contributions
 
 
 def test_features_endpoint(client: TestClient) -> None:
@@ -141,8 +171,11 @@ def test_features_endpoint(client: TestClient) -> None:
             "max": spec.max,
         }
     assert set(body["invoice_schema"]) == set(INVOICE_SCHEMA)
+    for given_spec, spec in zip(body["features"], FEATURES, strict=True):
+        assert (given_spec["kind"], given_spec["required"]) == (spec.kind, spec.required)
     assert body["invoice_schema"]["invoice_date"]["required"] is True
-    assert body["invoice_schema"]["counter_type"]["required"] is False
+    assert body["invoice_schema"]["counter_type"]["required"] is True
+    assert body["invoice_schema"]["old_index"]["required"] is False
     assert set(body["client_schema"]) == set(CLIENT_SCHEMA)
 
 
@@ -159,7 +192,7 @@ def test_openapi_and_docs(client: TestClient) -> None:
     request = schema["paths"]["/api/predict"]["post"]["requestBody"]
     assert request["content"]["application/json"]["schema"]["$ref"].endswith("/PredictRequest")
     components = schema["components"]["schemas"]
-    assert components["FeatureValues"]["properties"]["first_invoice_year"]["maximum"] == 2200
+    assert components["FeatureValues"]["properties"]["first_year"]["maximum"] == 2100
     assert components["FeatureValues"]["additionalProperties"] is False
     assert components["BatchRequest"]["properties"]["records"]["maxItems"] == 10_000
     docs = client.get("/api/docs")
@@ -179,7 +212,7 @@ def test_predict_features_equals_library(client: TestClient, tiny_artifacts: Art
     assert abs(out["theft_probability"] - expected.probability[0]) < 1e-9
     assert out["flagged"] == bool(expected.flagged[0])
     assert out["risk_level"] == expected.risk_level[0]
-    assert out["model"] == "random_forest"
+    assert out["model"] == "lightgbm"
     assert out["model_version"] == tiny_artifacts.version
     assert expected.contributions is not None
     reasons = top_reasons(expected.features[0], expected.contributions[0], tiny_artifacts.typical)
@@ -235,11 +268,11 @@ def test_batch_keeps_order_and_scores_around_bad_records(
     bad_history["invoices"][2]["consommation_level_2"] = -3
     records = [
         {"customer_id": "f0", "features": FEATURES_BODY},
-        {"customer_id": "f1", "features": {**FEATURES_BODY, "first_invoice_year": 1e12}},
+        {"customer_id": "f1", "features": {**FEATURES_BODY, "first_year": 1e12}},
         "not a record",
         bad_history,
         good_history,
-        {"customer_id": "f5", "features": {**FEATURES_BODY, "n_meters": 3}},
+        {"customer_id": "f5", "features": {**FEATURES_BODY, "elec_n_meters": 3}},
         {"customer_id": "f6"},
     ]
     response = post(client, "/api/predict_batch", {"records": records})
@@ -250,7 +283,7 @@ def test_batch_keeps_order_and_scores_around_bad_records(
     assert (body["scored"], body["failed"]) == (3, 4)
     errors = {r["index"]: r["error"]["location"] for r in results if "error" in r}
     assert errors == {
-        1: "records[1].features.first_invoice_year",
+        1: "records[1].features.first_year",
         2: "records[2]",
         3: "records[3].invoices[2].consommation_level_2",
         6: "records[6].features",
@@ -259,7 +292,7 @@ def test_batch_keeps_order_and_scores_around_bad_records(
     assert results[2]["customer_id"] is None
     row0 = np.array([[FEATURES_BODY[n] for n in FEATURE_NAMES]])
     row5 = row0.copy()
-    row5[0, FEATURE_NAMES.index("n_meters")] = 3
+    row5[0, FEATURE_NAMES.index("elec_n_meters")] = 3
     expected = tiny_artifacts.score(np.vstack([row0, row5])).probability
     assert abs(results[0]["theft_probability"] - expected[0]) < 1e-9
     assert abs(results[5]["theft_probability"] - expected[1]) < 1e-9
@@ -270,7 +303,7 @@ def test_batch_keeps_order_and_scores_around_bad_records(
 def test_batch_records_are_independent_even_with_same_customer_id(client: TestClient) -> None:
     records = [
         {"customer_id": "same", "features": FEATURES_BODY},
-        {"customer_id": "same", "features": {**FEATURES_BODY, "consumption_trend": 5.0}},
+        {"customer_id": "same", "features": {**FEATURES_BODY, "elec_cons_slope": 5.0}},
     ]
     one = post(client, "/api/predict", records[1]).json()["theft_probability"]
     results = post(client, "/api/predict_batch", {"records": records}).json()["results"]
@@ -284,7 +317,7 @@ def test_optional_invoice_columns_in_one_record_do_not_reject_another(
     a = history_body(invoices, clients, clients["client_id"].iloc[0])
     b = history_body(invoices, clients, clients["client_id"].iloc[1])
     for row in b["invoices"]:
-        for column in ("counter_type", "old_index", "new_index", "counter_coefficient"):
+        for column in ("old_index", "new_index", "counter_coefficient"):
             row.pop(column)
     results = post(client, "/api/predict_batch", {"records": [a, b]}).json()["results"]
     assert all("error" not in r for r in results), results
@@ -293,7 +326,7 @@ def test_optional_invoice_columns_in_one_record_do_not_reject_another(
 def test_model_query_parameter(client: TestClient, tiny_artifacts: ArtifactSet) -> None:
     body = {"customer_id": "c", "features": FEATURES_BODY}
     row = np.array([[FEATURES_BODY[n] for n in FEATURE_NAMES]], dtype=np.float64)
-    for name in ("logistic_regression", "random_forest"):
+    for name in ("lightgbm", "logistic_regression", "random_forest"):
         out = post(client, f"/api/predict?model={name}", body).json()
         assert out["model"] == name
         expected = tiny_artifacts.score(row, name).probability[0]
@@ -341,12 +374,10 @@ def test_batch_reasons_match_top_reasons(tiny_artifacts: ArtifactSet) -> None:
 
 
 def test_wrong_type_is_422(client: TestClient) -> None:
-    bad = {"customer_id": "c", "features": {**FEATURES_BODY, "first_invoice_year": "12"}}
-    assert_error(
-        post(client, "/api/predict", bad), 422, "features.first_invoice_year", "invalid_value"
-    )
-    bad = {"customer_id": "c", "features": {**FEATURES_BODY, "history_years": True}}
-    assert_error(post(client, "/api/predict", bad), 422, "features.history_years")
+    bad = {"customer_id": "c", "features": {**FEATURES_BODY, "first_year": "12"}}
+    assert_error(post(client, "/api/predict", bad), 422, "features.first_year", "invalid_value")
+    bad = {"customer_id": "c", "features": {**FEATURES_BODY, "elec_n_meters": True}}
+    assert_error(post(client, "/api/predict", bad), 422, "features.elec_n_meters")
     assert_error(
         post(client, "/api/predict", {"customer_id": 5, "features": FEATURES_BODY}),
         422,
@@ -355,9 +386,9 @@ def test_wrong_type_is_422(client: TestClient) -> None:
 
 
 def test_missing_field_is_422(client: TestClient) -> None:
-    features = {k: v for k, v in FEATURES_BODY.items() if k != "history_years"}
+    features = {k: v for k, v in FEATURES_BODY.items() if k != "first_year"}
     response = post(client, "/api/predict", {"customer_id": "c", "features": features})
-    assert_error(response, 422, "features.history_years", "missing_field")
+    assert_error(response, 422, "features.first_year", "missing_field")
     assert_error(
         post(client, "/api/predict", {"features": FEATURES_BODY}),
         422,
@@ -383,26 +414,26 @@ def test_unknown_fields_are_422_naming_the_field(
 def test_nan_and_infinity_are_rejected(client: TestClient) -> None:
     for literal in ("NaN", "Infinity", "-Infinity"):
         text = json.dumps({"customer_id": "c", "features": FEATURES_BODY}).replace(
-            '"n_meters": 2', f'"n_meters": {literal}'
+            '"elec_n_meters": 2', f'"elec_n_meters": {literal}'
         )
         assert literal in text
         response = client.post(
             "/api/predict", content=text, headers={"content-type": "application/json"}
         )
-        assert_error(response, 422, "features.n_meters", "invalid_value")
+        assert_error(response, 422, "features.elec_n_meters", "invalid_value")
     records = [{"customer_id": "a", "features": FEATURES_BODY}] * 2
-    text = json.dumps({"records": records}).replace('"n_meters": 2', '"n_meters": NaN')
+    text = json.dumps({"records": records}).replace('"elec_n_meters": 2', '"elec_n_meters": NaN')
     response = client.post(
         "/api/predict_batch", content=text, headers={"content-type": "application/json"}
     )
-    assert_error(response, 422, "records[0].features.n_meters")
+    assert_error(response, 422, "records[0].features.elec_n_meters")
     text = json.dumps({"customer_id": "c", "features": FEATURES_BODY}).replace(
-        '"n_meters": 2', '"n_meters": 1e999'
+        '"elec_n_meters": 2', '"elec_n_meters": 1e999'
     )
     response = client.post(
         "/api/predict", content=text, headers={"content-type": "application/json"}
     )
-    assert_error(response, 422, "features.n_meters")
+    assert_error(response, 422, "features.elec_n_meters")
     response = client.post(
         "/api/predict", content=b'{"a": NaN', headers={"content-type": "application/json"}
     )
@@ -761,7 +792,7 @@ def test_one_structured_log_line_per_request(
 
 
 def test_metrics_count_predictions(client: TestClient, tiny_artifacts: ArtifactSet) -> None:
-    labels = {"model": "random_forest", "model_version": tiny_artifacts.version}
+    labels = {"model": "lightgbm", "model_version": tiny_artifacts.version}
     before = METRICS.counter_value("predictions_total", labels)
     records = [{"customer_id": str(i), "features": FEATURES_BODY} for i in range(4)]
     post(client, "/api/predict_batch", {"records": records})

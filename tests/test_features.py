@@ -57,13 +57,22 @@ def year(date: str) -> float:
 def test_specs_are_complete_and_the_served_set_is_drawn_from_them() -> None:
     names = [spec.name for spec in CANDIDATES]
     assert len(set(names)) == len(names) > 100
-    assert 25 <= len(FEATURES) <= 40 and len(set(FEATURE_NAMES)) == len(FEATURES)
+    assert 25 <= len(FEATURES) <= 50 and len(set(FEATURE_NAMES)) == len(FEATURES)
     assert set(FEATURE_NAMES) <= set(names)
     for spec in CANDIDATES:
         assert spec.description and spec.unit and spec.min < spec.max
         assert spec.kind in ("numeric", "categorical") and spec.source in ("invoices", "client")
     # Nothing reads the date of the last invoice (a trace of the inspection, not of theft).
     assert not {"history_years", "client_age_years", "last_year"} & set(names)
+
+
+def test_every_served_feature_has_words_for_an_inspector() -> None:
+    from detector.reasons import _TEXTS
+
+    assert set(FEATURE_NAMES) <= set(_TEXTS)
+    for spec in FEATURES:
+        text = _TEXTS[spec.name](3.0, 1.0)
+        assert text and "_" not in text  # words, not column names
 
 
 def test_one_invoice_client() -> None:

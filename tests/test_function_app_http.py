@@ -142,7 +142,7 @@ REQUESTS: list[tuple[str, str, dict[str, str], bytes]] = [
             {
                 "records": [
                     {"customer_id": "a", "features": FEATURES_BODY},
-                    {"customer_id": "b", "features": {**FEATURES_BODY, "n_meters": -1}},
+                    {"customer_id": "b", "features": {**FEATURES_BODY, "elec_n_meters": -1}},
                     {
                         "customer_id": "c",
                         "invoices": [

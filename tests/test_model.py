@@ -383,3 +383,24 @@ def test_inconsistent_tree_arrays_are_refused(changes: dict[str, Any], message: 
     CompiledTrees(_tree(), "sum", 30)  # the unchanged stump is fine
     with pytest.raises(TreeError, match=message):
         CompiledTrees(_tree(**changes), "sum", 30)
+
+
+def test_every_client_in_the_top_5_percent_gets_a_reason(
+    bundled: ArtifactSet, shared_data: Path
+) -> None:
+    """The clients an inspector visits first each come with at least one reason in words."""
+    import pandas as pd
+
+    from detector.features import compute_features
+    from detector.reasons import explain_rows
+    from detector.schema import prepare_clients, prepare_invoices
+
+    invoices = pd.read_parquet(shared_data / "invoices_train.parquet").head(600_000)
+    clients = pd.read_parquet(shared_data / "clients_train.parquet")
+    features = compute_features(prepare_invoices(invoices).frame, prepare_clients(clients))
+    scores = bundled.score(features.to_numpy(dtype=np.float64))
+    top = np.argsort(-scores.probability)[: max(1, len(features) // 20)]
+    assert scores.contributions is not None
+    reasons = explain_rows(scores.features[top], scores.contributions[top], bundled.typical)
+    assert all(len(r) >= 1 for r in reasons)
+    assert all(r.text and "nan" not in r.text for row in reasons for r in row)

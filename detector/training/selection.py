@@ -14,8 +14,9 @@ The procedure (its output is docs/feature_selection.json; the chosen names are
 3. Near-duplicates dropped: walking down the ranking, a candidate whose Spearman rank
    correlation with one already kept exceeds 0.95 (on the training split's full histories) is
    dropped, so that two names for one signal do not fill the served set.
-4. The top 20 to 50 are cross-validated like `ptd train`'s candidates; the size is chosen where
-   the cut views stop improving beyond the folds' noise (about 30 on the STEG data).
+4. The top 20 to 50 are cross-validated like `ptd train`'s candidates; the served size is the
+   smallest whose mean ROC-AUC over the two cut views is within 0.001 of the best size's (more
+   features cost serving time and explain no better once the cut views stop improving).
 """
 
 from __future__ import annotations
@@ -37,6 +38,22 @@ log = logging.getLogger(__name__)
 
 DUPLICATE_CORRELATION = 0.95
 SIZES = (20, 25, 30, 35, 40, 50)
+SIZE_TOLERANCE = 0.001  # of mean cut-view ROC-AUC: below it, a larger set is not better
+
+
+def choose_size(by_size: dict[str, Any]) -> int:
+    """The smallest size whose mean cut-view ROC-AUC is within SIZE_TOLERANCE of the best."""
+
+    def prospective(views: dict[str, Any]) -> float:
+        cuts = [views[view_name(m)]["roc_auc"] for m in EVALUATION_CUTS if m]
+        return float(np.mean(cuts))
+
+    best = max(prospective(views) for views in by_size.values())
+    return min(
+        int(size) for size, views in by_size.items() if prospective(views) >= best - SIZE_TOLERANCE
+    )
+
+
 IMPORTANCE_ROUNDS = 300  # trees of the models that rank the candidates (no early stopping)
 
 
@@ -46,10 +63,9 @@ def select_features(
     cv_folds: int = CV_FOLDS,
     n_jobs: int = -1,
     sizes: tuple[int, ...] = SIZES,
-    chosen_size: int = 30,
 ) -> dict[str, Any]:
     """Rank every candidate, drop near-duplicates, cross-validate the top `sizes`; the report
-    (JSON-ready) names the top `chosen_size` as `chosen`."""
+    (JSON-ready) names the chosen size's top candidates as `chosen` (`choose_size`)."""
     from sklearn.metrics import roc_auc_score
 
     started = time.perf_counter()
@@ -100,6 +116,7 @@ def select_features(
     for size in sizes:
         result = trainer.cross_validate("lightgbm", "augmented", None, columns=kept[:size])
         by_size[str(size)] = result.views
+    chosen_size = choose_size(by_size)
     return {
         "method": __doc__,
         "seed": seed,
@@ -116,6 +133,8 @@ def select_features(
             for name in importance.index
         ],
         "cross_validation_by_size": by_size,
+        "size_rule": f"the smallest size within {SIZE_TOLERANCE} of the best mean ROC-AUC over "
+        "the cut views",
         "chosen_size": chosen_size,
         "chosen": kept[:chosen_size],
         "seconds": round(time.perf_counter() - started, 1),
@@ -135,14 +154,14 @@ def markdown(report: dict[str, Any]) -> str:
         "## Cross-validated size of the served set",
         "",
         f"LightGBM trained on all three views of each client, {report['folds']}-fold CV; "
-        "ROC-AUC (precision in the top 5%) per view.",
+        f"ROC-AUC (precision in the top 5%) per view. Served: {report['size_rule']}.",
         "",
         "| features | " + " | ".join(view_name(m) for m in EVALUATION_CUTS) + " |",
         "|---" * (len(EVALUATION_CUTS) + 1) + "|",
     ]
     for size, views in report["cross_validation_by_size"].items():
-        shown = [views[view_name(m)] for m in EVALUATION_CUTS]
-        cells = [f"{v['roc_auc']:.4f} ({v['precision_top_5pct']:.3f})" for v in shown]
+        per_view = [views[view_name(m)] for m in EVALUATION_CUTS]
+        cells = [f"{v['roc_auc']:.4f} ({v['precision_top_5pct']:.3f})" for v in per_view]
         marker = " (served)" if int(size) == report["chosen_size"] else ""
         lines.append(f"| {size}{marker} | " + " | ".join(cells) + " |")
     lines += [
