@@ -6,15 +6,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import TypeAdapter, ValidationError
 
 from benchmarks import http
 from benchmarks.__main__ import TINY, render, run_suite
-from benchmarks.common import Stats, features_body, machine, measure
+from benchmarks.common import Stats, feature_rows, features_body, machine, measure
+from detector.features import FEATURE_NAMES, FEATURES
+from detector.records import FeaturesRecord
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "models_artifacts"
 
 pytestmark = pytest.mark.xdist_group("benchmarks")
+
+REQUIRED = [i for i, spec in enumerate(FEATURES) if spec.required]
+OPTIONAL = [i for i, spec in enumerate(FEATURES) if not spec.required]
+CATEGORICAL = [i for i, spec in enumerate(FEATURES) if spec.kind == "categorical"]
 
 
 def test_stats_are_medians_and_percentiles() -> None:
@@ -39,13 +46,31 @@ def test_profile_buckets_charge_the_innermost_owner(tmp_path: Path) -> None:
     assert http.summarise_profile(raw) is not None
 
 
-def test_features_body_matches_the_api_shape() -> None:
-    row = np.arange(14, dtype=float)
-    row[-1] = np.nan
+def test_feature_rows_keep_clients_missing_optional_features() -> None:
+    rows, source = feature_rows(300, None)
+    assert rows.shape == (300, len(FEATURE_NAMES)) and source.startswith("synthetic")
+    assert np.isfinite(rows[:, REQUIRED]).all()
+    # Gas-only clients have no electricity features: they are real clients and stay in.
+    assert np.isnan(rows[:, OPTIONAL]).any(axis=1).any()
+
+
+def test_features_body_is_what_the_strict_api_accepts() -> None:
+    rows, _ = feature_rows(50, None)
+    row = rows[np.isnan(rows[:, OPTIONAL]).any(axis=1)][0]
     body = features_body(row, "c1")
     assert body["customer_id"] == "c1"
-    assert len(body["features"]) == 14
-    assert body["features"]["client_age_years"] is None
+    assert list(body["features"]) == list(FEATURE_NAMES)
+    for i in CATEGORICAL:
+        value = body["features"][FEATURE_NAMES[i]]
+        assert value is None or type(value) is int
+    assert any(body["features"][FEATURE_NAMES[i]] is None for i in OPTIONAL)
+    adapter = TypeAdapter(FeaturesRecord)
+    adapter.validate_python(body)
+    # The API refuses a float for a code: the body builder must not send one.
+    code = FEATURE_NAMES[next(i for i in CATEGORICAL if np.isfinite(row[i]))]
+    floated = {**body, "features": {**body["features"], code: float(body["features"][code])}}
+    with pytest.raises(ValidationError):
+        adapter.validate_python(floated)
 
 
 @pytest.mark.skipif(
