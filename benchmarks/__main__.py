@@ -125,7 +125,7 @@ def run_suite(
                     from benchmarks import http
 
                     assert features is not None
-                    http_rows, http_extra = http.run(features, cfg, tmp, data_dir)
+                    http_rows, http_extra = http.run(features, cfg, tmp, data_dir, artifacts_dir)
                     rows += http_rows
                     extra["http"] = http_extra
                 elif section == "cold":
@@ -133,7 +133,7 @@ def run_suite(
                 elif section == "table":
                     from benchmarks import files
 
-                    table_rows, table_extra = files.run(data_dir, cfg, tmp)
+                    table_rows, table_extra = files.run(data_dir, cfg, tmp, artifacts_dir)
                     rows += table_rows
                     extra["table"] = table_extra
                 elif section == "training":

@@ -46,7 +46,11 @@ def _slice(src: Path, rows: int, tmp: Path) -> Path:
     return out
 
 
-def run(data_dir: Path | None, cfg: dict[str, Any], tmp: Path) -> tuple[list[Row], dict[str, Any]]:
+def run(
+    data_dir: Path | None, cfg: dict[str, Any], tmp: Path, artifacts: Path
+) -> tuple[list[Row], dict[str, Any]]:
+    """`ptd score` of the invoice table with the set in `artifacts` (its default model), and
+    the features step alone; a slice of the table when `cfg["table_rows"]` is set."""
     invoices = data_dir / "invoices_train.parquet" if data_dir else None
     clients = data_dir / "clients_train.parquet" if data_dir else None
     if invoices is None or clients is None or not invoices.is_file() or not clients.is_file():
@@ -71,6 +75,7 @@ def run(data_dir: Path | None, cfg: dict[str, Any], tmp: Path) -> tuple[list[Row
             [
                 *(PY, "-m", "detector", "score", str(invoices)),
                 *("--clients", str(clients), "--out", str(tmp / "scores.csv")),
+                *("--model-dir", str(artifacts)),
             ]
         )
         scores.append(result)

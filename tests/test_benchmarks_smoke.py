@@ -37,12 +37,12 @@ def test_stats_are_medians_and_percentiles() -> None:
 def test_profile_buckets_charge_the_innermost_owner(tmp_path: Path) -> None:
     raw = tmp_path / "raw.txt"
     raw.write_text(
-        "run (uvicorn/server.py:1);score (/work/main/detector/model.py:10);"
-        "mean (numpy/_core/_methods.py:5) 3\n"
+        "run (uvicorn/server.py:1);score (/work/x/detector/model/artifacts.py:10);"
+        "_one_row (/work/x/detector/model/trees.py:5);take (numpy/_core/fromnumeric.py:5) 3\n"
         "run (uvicorn/server.py:1);handle (h11/_connection.py:3) 1\n"
     )
     shares = dict(http.buckets(raw))
-    assert shares["model: ArtifactSet.score (numpy forest walk)"] == pytest.approx(0.75)
+    assert shares["model: ArtifactSet.score (numpy tree walk)"] == pytest.approx(0.75)
     assert http.summarise_profile(raw) is not None
 
 
