@@ -143,14 +143,13 @@ def machine() -> dict[str, Any]:
         "pandas",
         "pyarrow",
         "scikit-learn",
+        "lightgbm",
         "fastapi",
         "pydantic",
         "uvicorn",
         "httptools",
         "uvloop",
         "httpx",
-        "onnxruntime",
-        "skl2onnx",
         "azure-storage-blob",
     ):
         try:

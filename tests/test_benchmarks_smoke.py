@@ -14,9 +14,6 @@ from benchmarks.common import Stats, feature_rows, features_body, machine, measu
 from detector.features import FEATURE_NAMES, FEATURES
 from detector.records import FeaturesRecord
 
-REPO = Path(__file__).resolve().parent.parent
-ARTIFACTS = REPO / "models_artifacts"
-
 pytestmark = pytest.mark.xdist_group("benchmarks")
 
 REQUIRED = [i for i, spec in enumerate(FEATURES) if spec.required]
@@ -73,18 +70,41 @@ def test_features_body_is_what_the_strict_api_accepts() -> None:
         adapter.validate_python(floated)
 
 
-@pytest.mark.skipif(
-    not (ARTIFACTS / "random_forest.joblib").is_file(), reason="no bundled model artifacts"
-)
-def test_tiny_suite_in_process_and_over_http(tmp_path: Path) -> None:
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("skl2onnx")
-    rows, extra = run_suite(TINY, ("inprocess", "http", "training"), None, ARTIFACTS)
+def test_tiny_suite_in_process_and_over_http(tiny_artifacts_dir: Path) -> None:
+    rows, extra = run_suite(TINY, ("inprocess", "http", "training"), None, tiny_artifacts_dir)
     failed = [r for r in rows if r.name == "section failed"]
     assert not failed, failed
-    names = [r.name for r in rows]
-    assert any("single prediction" in n for n in names)
-    assert any("/api/predict_batch" in n for n in names)
+    by_name = {r.name: r for r in rows}
+
+    single = by_name["single prediction, in process (probability)"]
+    explained = by_name["single prediction, in process (+ contributions, as /predict)"]
+    assert set(single.data) >= {"ours", "lgbm", "python", "lgbm_contrib", "python_contrib"}
+    assert "LightGBM C++" in single.ratio and "pred_contrib" in explained.limit
+    for size in TINY["batch_sizes"]:
+        with_reasons = by_name[f"batch of {size:,} (ArtifactSet.score + contributions)"]
+        probability = by_name[f"batch of {size:,} (ArtifactSet.score, probability only)"]
+        assert "pred_contrib" in with_reasons.limit and "predict C++ 1 thread" in probability.limit
+        assert all(with_reasons.data[k]["n"] >= 2 for k in ("contrib_1", "predict_n"))
+
+    check = extra["agreement"]
+    assert check["rows"] == max(*TINY["batch_sizes"], 512)  # every benchmark row
+    assert check["max_dp"] <= 1e-9
+    assert check["max_margin_gap"] <= 1e-4 and check["max_shap_gap"] <= 1e-6
+    assert check["explained_rows"] > 0
+    for key in ("top_reason_same", "top_in_shap_top3", "top_feature_same"):
+        assert 0.0 <= check[key] <= 1.0
+    assert check["top_reason_same"] <= check["top_in_shap_top3"]
+    agreement = next(r for r in rows if r.name.startswith("agreement with LightGBM"))
+    assert agreement.met == "yes"
+
+    steps = dict(extra["score_steps"])
+    assert any(name.startswith("expand") for name in steps)
+    assert any(name.startswith("walk") for name in steps)
+    assert all(seconds > 0 for seconds in steps.values())
+
+    assert any("/api/predict_batch" in r.name for r in rows)
+    assert extra["http"]["bad_responses"] == 0  # every body was accepted by the strict API
     assert all("errors: 0" in r.note for r in rows if r.section == "sustained load")
     text = render(rows, extra, machine(), "python -m benchmarks --tiny", 1.0)
     assert "| Section | Benchmark |" in text and "Where the time goes" in text
+    assert "Agreement with LightGBM" in text and "TreeSHAP" in text
