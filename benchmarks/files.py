@@ -89,8 +89,8 @@ def run(
             "whole table",
             f"batch-file scoring, `ptd score` ({what})",
             f"{wall:.1f} s (runs {', '.join(f'{w:.1f}' for w in walls)}); peak RSS {peak:.2f} GB",
-            goal="< 60 s in < 1.5 GB",
-            met=yes_no(wall < 60 and peak < 1.5) if not cfg["table_rows"] else "",
+            goal="≤ 30 s in ≤ 1 GB",
+            met=yes_no(wall <= 30 and peak <= 1) if not cfg["table_rows"] else "",
             note=message[0][:160] if message else "",
             data={"walls": walls, "peaks_gb": peaks},
         )

@@ -473,8 +473,8 @@ def run(
             limit=f"bare ASGI POST {lat(bare_post_stats)}",
             ratio=f"{single.p50 / bare_post_stats.p50:.2f}x bare; "
             f"+{ms(single.p50 - bare_post_stats.p50)}",
-            goal="p50 < 2 ms",
-            met=yes_no(single.p50 < 0.002),
+            goal="p50 ≤ 1.5 ms",
+            met=yes_no(single.p50 <= 0.0015),
             note=f"{single.n} requests; non-200 in all latency rows: {bad}",
         )
     )
@@ -498,8 +498,8 @@ def run(
                 f"({size / alone.p50 * 60 / 1e6:.2f} M pred/min); body "
                 f"{len(batch_bodies[size]) / 1e6:.1f} MB",
                 ratio=f"{stats.p50 / alone.p50:.2f}x in process",
-                goal="10k < 1 s" if size >= 10_000 else "",
-                met=yes_no(stats.p50 < 1) if size >= 10_000 else "",
+                goal="10k ≤ 1 s" if size >= 10_000 else "",
+                met=yes_no(stats.p50 <= 1) if size >= 10_000 else "",
             )
         )
     out.append(
