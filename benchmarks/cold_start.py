@@ -4,11 +4,11 @@
 
 Starts Azurite (tests/azurite.py), publishes the artifact set, then for each run starts a fresh
 Python process with an empty model cache that (1) imports what it needs, (2) reads the pointer,
-(3) downloads the serving files (not the *.joblib references), (4) verifies their SHA-256, (5)
-loads the arrays and (6) scores one client. Each step is timed in the child; the parent times
-the whole thing from spawn, so the interpreter's own start is included. A second variant
-imports `function_app` first (the HTTP app and the trigger, what a Functions worker imports) and
-then calls `store.load_artifacts`.
+(3) downloads the serving files (not the references: *.joblib, lightgbm.txt), (4) verifies
+their SHA-256, (5) loads the arrays and (6) scores one client. Each step is timed in the child;
+the parent times the whole thing from spawn, so the interpreter's own start is included. A
+second variant imports `function_app` first (the HTTP app and the trigger, what a Functions
+worker imports) and then calls `store.load_artifacts`.
 """
 
 from __future__ import annotations

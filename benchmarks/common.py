@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import signal
@@ -142,14 +143,13 @@ def machine() -> dict[str, Any]:
         "pandas",
         "pyarrow",
         "scikit-learn",
+        "lightgbm",
         "fastapi",
         "pydantic",
         "uvicorn",
         "httptools",
         "uvloop",
         "httpx",
-        "onnxruntime",
-        "skl2onnx",
         "azure-storage-blob",
     ):
         try:
@@ -252,8 +252,10 @@ def timed_child(command: list[str], env: dict[str, str] | None = None) -> dict[s
 
 
 def feature_rows(n: int, data_dir: Path | None, seed: int = 0) -> tuple[np.ndarray, str]:
-    """(n, 14) raw feature rows: real clients' features when the shared data is there."""
-    from detector.features import compute_features
+    """(n, len(FEATURE_NAMES)) raw feature rows, NaN where missing: real clients' features when
+    the shared data is there, synthetic ones otherwise. Rows are kept only if every feature the
+    API requires (`FeatureSpec.required`) has a value, so each one can be sent as a body."""
+    from detector.features import FEATURES, compute_features
     from detector.schema import prepare_clients, prepare_invoices
 
     source = "synthetic (tests/synthetic.py)"
@@ -282,7 +284,8 @@ def feature_rows(n: int, data_dir: Path | None, seed: int = 0) -> tuple[np.ndarr
         clients, invoices = make_steg(n_clients=min(n, 2000), seed=seed)
         features = compute_features(prepare_invoices(invoices).frame, prepare_clients(clients))
     values = features.to_numpy(dtype=np.float64)
-    values = values[np.isfinite(values[:, :12]).all(axis=1)]
+    required = [i for i, spec in enumerate(FEATURES) if spec.required]
+    values = values[np.isfinite(values[:, required]).all(axis=1)]
     reps = -(-n // len(values))
     return np.tile(values, (reps, 1))[:n], source
 
@@ -326,12 +329,17 @@ def history_records(
 
 
 def features_body(row: np.ndarray, customer_id: str) -> dict[str, Any]:
-    from detector.features import FEATURE_NAMES
+    """A /api/predict body for one row of raw features, as the strict API takes it: a
+    categorical code (`FeatureSpec.kind`) as a JSON integer (101.0 is refused), a number as a
+    float, a missing value as null (only features that are not `required` may be missing)."""
+    from detector.features import FEATURES
 
-    return {
-        "customer_id": customer_id,
-        "features": {
-            name: (float(v) if np.isfinite(v) else None)
-            for name, v in zip(FEATURE_NAMES, row, strict=True)
-        },
-    }
+    values: dict[str, float | int | None] = {}
+    for spec, v in zip(FEATURES, row.tolist(), strict=True):
+        if not math.isfinite(v):
+            values[spec.name] = None
+        elif spec.kind == "categorical":
+            values[spec.name] = int(v)
+        else:
+            values[spec.name] = float(v)
+    return {"customer_id": customer_id, "features": values}

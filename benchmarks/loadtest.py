@@ -1,7 +1,8 @@
 """Bounded load test on loopback: `make loadtest` (or `python -m benchmarks.loadtest`).
 
-Starts the real app (`ptd serve`, uvicorn, the bundled model) on 127.0.0.1 and a free port, then
-runs concurrent keep-alive clients for a fixed time in two scenarios, one after the other:
+Starts the real app (`ptd serve`, uvicorn, the bundled set or --artifacts) on 127.0.0.1 and a
+free port, then runs concurrent keep-alive clients for a fixed time in two scenarios, one after
+the other:
 
     single   POST /api/predict, one customer per request (features body)
     batch    POST /api/predict_batch, --batch-size customers per request
@@ -71,14 +72,17 @@ class Result:
         }
 
 
-def feature_body() -> dict[str, float]:
-    """A plausible customer: the bundled model's typical (median) feature values."""
-    from detector.config import BUNDLED_MODEL_DIR
-    from detector.features import FEATURE_NAMES
+def feature_body(artifacts: Path) -> dict[str, float | int]:
+    """A plausible customer: the set's typical feature values (the median, or the most common
+    code of a categorical feature, sent as a JSON integer: the API refuses 101.0 for a code)."""
+    from detector.features import FEATURES
     from detector.model import ArtifactSet
 
-    typical = ArtifactSet(BUNDLED_MODEL_DIR).typical
-    return {name: float(value) for name, value in zip(FEATURE_NAMES, typical, strict=True)}
+    typical = ArtifactSet(artifacts).typical.tolist()
+    return {
+        spec.name: int(value) if spec.kind == "categorical" else float(value)
+        for spec, value in zip(FEATURES, typical, strict=True)
+    }
 
 
 def request_bytes(host: str, port: int, path: str, body: dict[str, Any]) -> bytes:
@@ -140,12 +144,13 @@ async def run_scenario(
     return result
 
 
-def start_server(host: str, port: int) -> subprocess.Popen[bytes]:
+def start_server(host: str, port: int, artifacts: Path) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "PTD_RATE_LIMIT_PER_MINUTE": "0",
         "PTD_LOG_LEVEL": "WARNING",  # one request line per call would measure the logger
         "PTD_MODEL_SOURCE": "local",
+        "PTD_MODEL_DIR": str(artifacts.resolve()),
     }
     env.pop("PTD_API_KEYS", None)
     env.pop("APPLICATIONINSIGHTS_CONNECTION_STRING", None)
@@ -174,15 +179,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", default="single,batch")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--artifacts", type=Path, default=REPO / "models_artifacts", help="artifact set to serve"
+    )
     args = parser.parse_args(argv)
     if not ipaddress.ip_address(args.host).is_loopback:
         parser.error("the load test runs on loopback only (--host 127.0.0.1)")
     if not 1 <= args.clients <= 256 or not 1 <= args.seconds <= 600:
         parser.error("bounded: 1..256 clients, 1..600 seconds")
     scenarios = [s for s in args.scenarios.split(",") if s]
-    features = feature_body()
+    features = feature_body(args.artifacts)
     port = free_port(args.host)
-    server = start_server(args.host, port)
+    server = start_server(args.host, port, args.artifacts)
     results = []
     try:
         for scenario in scenarios:
