@@ -1162,3 +1162,22 @@ def test_workbook_shows_the_operators_dashboard() -> None:
         used |= set(re.findall(r'"([a-z_]+_(?:total|seconds|ms))"', query))
     assert used and used <= help_names, used - help_names
     assert {"batch_files_total", "predictions_flagged_total", "model_load_seconds"} <= used
+
+
+# --- azd ---------------------------------------------------------------------------------------
+
+
+def test_azd_tags() -> None:
+    azure_yaml = yaml.safe_load((ROOT / "azure.yaml").read_text())
+    (service,) = azure_yaml["services"]
+    app = one(module("function-app.bicep"), "Microsoft.Web/sites")
+    assert evaluate(app["tags"], {"tags": {}, "azdServiceName": service})["azd-service-name"] == (
+        service
+    )
+    assert param_default(module("function-app.bicep"), "azdServiceName") == service
+    assert scope_of(parse(MAIN), azdEnvName="ptd-dev", tags={})["allTags"]["azd-env-name"] == (
+        "ptd-dev"
+    )
+    assert "azd-env-name" not in scope_of(parse(MAIN), tags={})["allTags"]
+    values = resolved_parameters({"AZURE_ENV_NAME": "ptd-dev"})
+    assert values["azdEnvName"]["value"] == "ptd-dev"

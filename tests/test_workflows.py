@@ -704,3 +704,77 @@ def test_deploy_runs_post_deploy_with_the_infra_outputs() -> None:
         step["env"]["DEAD_LETTER_CONTAINER"] == "${{ steps.infra.outputs.deadLetterContainerName }}"
     )
     assert step["env"]["ACTION_GROUP_ID"] == "${{ steps.infra.outputs.actionGroupId }}"
+
+
+# --- azd -----------------------------------------------------------------------------------------
+
+
+def test_azure_yaml_deploys_the_function_app_and_hooks_the_post_deploy_steps() -> None:
+    doc = yaml.safe_load((ROOT / "azure.yaml").read_text())
+    assert doc["infra"] == {"provider": "bicep", "path": "infra", "module": "main"}
+    assert doc["services"] == {"api": {"project": ".", "language": "python", "host": "function"}}
+    hook = doc["hooks"]["postdeploy"]["posix"]
+    assert hook["run"] == "bash ./scripts/azd-postdeploy.sh"
+    assert hook["continueOnError"] is False
+    script = "\n".join(
+        line
+        for line in (SCRIPTS / "azd-postdeploy.sh").read_text().splitlines()
+        if not line.lstrip().startswith("#")
+    )
+    publish = script.index("publish --artifacts models_artifacts --activate")
+    post = script.index("bash scripts/post-deploy.sh")
+    smoke = script.index("scripts/smoke_test.py")
+    assert publish < post < smoke  # the order of the workflow's steps
+
+
+def test_azd_postdeploy_maps_azd_outputs_to_the_scripts(tmp_path: Path) -> None:
+    """azd's environment (outputs in either case) reaches post-deploy.sh under its names."""
+    azd_values = {
+        "AZURE_ENV_NAME": "me",
+        "AZURE_RESOURCE_GROUP": "rg-me",
+        "functionAppName": "func-me",
+        "EVENTGRIDSYSTEMTOPICNAME": "evgt-me",
+        "storageAccountName": "stme",
+        "batchInContainerName": "batch-in",
+        "deadLetterContainerName": "eventgrid-deadletter",
+        "appInsightsName": "appi-me",
+        "actionGroupId": "",
+        "storageBlobEndpoint": "https://stme.blob.core.windows.net/",
+        "modelsContainerName": "models",
+        "batchOutContainerName": "batch-out",
+        "functionAppUrl": "https://func-me.azurewebsites.net",
+    }
+    azd = "echo '" + "\n".join(f'{k}="{v}"' for k, v in azd_values.items()) + "'"
+    project = tmp_path / "project"
+    (project / "scripts").mkdir(parents=True)
+    shutil.copy(SCRIPTS / "azd-postdeploy.sh", project / "scripts")
+    (project / "scripts" / "post-deploy.sh").write_text('env > "$STATE_DIR/post-deploy.env"\n')
+    env, log = stub_path(tmp_path, {"azd": azd, "python3": "exit 0"})
+    env.update(STATE_DIR=str(tmp_path), SMOKE_TEST="false")
+    done = subprocess.run(
+        ["bash", str(project / "scripts" / "azd-postdeploy.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    seen = dict(
+        line.split("=", 1)
+        for line in (tmp_path / "post-deploy.env").read_text().splitlines()
+        if "=" in line
+    )
+    assert seen["RESOURCE_GROUP"] == "rg-me"
+    assert seen["FUNCTION_APP_NAME"] == "func-me"
+    assert seen["EVENT_GRID_SYSTEM_TOPIC"] == "evgt-me"
+    assert seen["STORAGE__blobServiceUri"] == "https://stme.blob.core.windows.net/"
+    assert seen["DEAD_LETTER_CONTAINER"] == "eventgrid-deadletter"
+    (publish,) = [c for c in calls(log) if c[0] == "python3"]
+    assert publish[1:] == [
+        "-m",
+        "detector",
+        "publish",
+        "--artifacts",
+        "models_artifacts",
+        "--activate",
+    ]
