@@ -190,7 +190,12 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     // Telemetry through OpenTelemetry, authenticated with the identity (local auth is off).
     APPLICATIONINSIGHTS_CONNECTION_STRING: appInsightsConnectionString
     APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'
+    // The Python worker then calls configure_azure_monitor itself (and the app does not: see
+    // detector/telemetry.py), collecting the logs of this logger and its children only. Its
+    // default, the root logger, would also ship the SDKs' and the exporter's own records.
+    // https://github.com/Azure/azure-functions-python-worker/pull/1621
     PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY: 'true'
+    PYTHON_APPLICATIONINSIGHTS_LOGGER_NAME: 'detector'
     // Application settings (detector/config.py).
     PTD_MODEL_SOURCE: 'blob'
     PTD_MODEL_VERSION: modelVersion
