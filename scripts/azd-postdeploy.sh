@@ -2,7 +2,7 @@
 # azd postdeploy hook (azure.yaml): what .github/workflows/deploy.yml does after the code
 # deployment, for a stage deployed with `azd up`:
 #   1. publish the bundled model and activate it (ptd publish --activate, retried while the
-#      deployer's new role on `models` propagates);
+#      deployer's new role on `models` propagates), and restart the app;
 #   2. scripts/post-deploy.sh: the Event Grid subscription of the blob trigger (retry policy,
 #      dead-lettering) and the availability test of /api/health;
 #   3. scripts/smoke_test.py: /api/health, one golden prediction and one golden batch file.
@@ -52,6 +52,9 @@ for attempt in 1 2 3 4 5 6; do
   echo "ptd publish failed (attempt ${attempt}); retrying in 30 s (a new role assignment can take minutes)"
   sleep 30
 done
+
+# Instances read the model pointer at cold start: restart so that none keeps the previous model.
+az functionapp restart -g "${RESOURCE_GROUP}" -n "${FUNCTION_APP_NAME}"
 
 bash scripts/post-deploy.sh
 

@@ -290,8 +290,10 @@ def test_deploy_order_publish_subscription_smoke_rollback() -> None:
     smoke = index_of(job, "scripts/smoke_test.py")
     rollback = index_of(job, "ptd activate")
     assert code < subscription, "the webhook key exists only after the code"
+    restart = index_of(job, "Restart the app so every instance loads the activated model")
     assert previous < publish < smoke < rollback
-    assert publish < subscription < smoke
+    assert publish < restart < subscription < smoke
+    assert "az functionapp restart" in job["steps"][restart]["run"]
 
 
 def test_smoke_test_and_rollback() -> None:
@@ -729,9 +731,10 @@ def test_azure_yaml_deploys_the_function_app_and_hooks_the_post_deploy_steps() -
         if not line.lstrip().startswith("#")
     )
     publish = script.index("publish --artifacts models_artifacts --activate")
+    restart = script.index("az functionapp restart")
     post = script.index("bash scripts/post-deploy.sh")
     smoke = script.index("scripts/smoke_test.py")
-    assert publish < post < smoke  # the order of the workflow's steps
+    assert publish < restart < post < smoke  # the order of the workflow's steps
 
 
 def test_azd_postdeploy_maps_azd_outputs_to_the_scripts(tmp_path: Path) -> None:
@@ -756,7 +759,7 @@ def test_azd_postdeploy_maps_azd_outputs_to_the_scripts(tmp_path: Path) -> None:
     (project / "scripts").mkdir(parents=True)
     shutil.copy(SCRIPTS / "azd-postdeploy.sh", project / "scripts")
     (project / "scripts" / "post-deploy.sh").write_text('env > "$STATE_DIR/post-deploy.env"\n')
-    env, log = stub_path(tmp_path, {"azd": azd, "python3": "exit 0"})
+    env, log = stub_path(tmp_path, {"azd": azd, "python3": "exit 0", "az": "exit 0"})
     env.update(STATE_DIR=str(tmp_path), SMOKE_TEST="false")
     done = subprocess.run(
         ["bash", str(project / "scripts" / "azd-postdeploy.sh")],
@@ -776,6 +779,8 @@ def test_azd_postdeploy_maps_azd_outputs_to_the_scripts(tmp_path: Path) -> None:
     assert seen["EVENT_GRID_SYSTEM_TOPIC"] == "evgt-me"
     assert seen["STORAGE__blobServiceUri"] == "https://stme.blob.core.windows.net/"
     assert seen["DEAD_LETTER_CONTAINER"] == "eventgrid-deadletter"
+    (restart,) = [c for c in calls(log) if c[0] == "az"]
+    assert restart[1:] == ["functionapp", "restart", "-g", "rg-me", "-n", "func-me"]
     (publish,) = [c for c in calls(log) if c[0] == "python3"]
     assert publish[1:] == [
         "-m",
