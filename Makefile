@@ -32,6 +32,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/hadolint Dockerfile
 
 # Static security scan of the served code (clean = no finding at any severity). The dependency
 # audit (pip-audit --strict) runs in .github/workflows/ci.yml: it needs the vulnerability database.

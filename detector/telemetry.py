@@ -138,10 +138,25 @@ def in_azure_functions() -> bool:
     return bool(os.environ.get("FUNCTIONS_WORKER_RUNTIME"))
 
 
+def worker_exports_telemetry(environ: dict[str, str] | None = None) -> bool:
+    """True when the Azure Functions Python worker configures Azure Monitor itself: app setting
+    PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY=true (infra/modules/function-app.bicep). The worker
+    then calls `configure_azure_monitor` at start, before it imports function_app.py, with the
+    logger PYTHON_APPLICATIONINSIGHTS_LOGGER_NAME; a second call from the app would attach a
+    second exporter to the same records (every log line twice) and instrument the libraries
+    again. The worker does not guard against that double set-up (azure-functions-python-worker
+    pull request 1621), so the app does not configure it then and only uses the worker's
+    providers (`enable_otel`)."""
+    env = os.environ if environ is None else environ
+    flag = env.get("PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY", "").strip().lower()
+    return bool(env.get("FUNCTIONS_WORKER_RUNTIME")) and flag == "true"
+
+
 def configure_logging(settings: Settings) -> None:
     """Idempotent. Locally: JSON lines on stderr for the `detector` loggers. In the Functions
     worker the host's handlers ship the records (our messages are JSON already). With an
-    Application Insights connection string: OpenTelemetry export through azure-monitor."""
+    Application Insights connection string: OpenTelemetry export through azure-monitor, set up
+    here unless the Functions worker sets it up itself (`worker_exports_telemetry`)."""
     level = getattr(logging, settings.log_level.upper(), logging.INFO)
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(level)
@@ -154,10 +169,16 @@ def configure_logging(settings: Settings) -> None:
                 logger.addHandler(handler)
         if settings.appinsights_connection and not _configured["azure_monitor"]:
             _configured["azure_monitor"] = True
-            _configure_azure_monitor(
-                settings.appinsights_connection,
-                os.environ.get("APPLICATIONINSIGHTS_AUTHENTICATION_STRING", ""),
-            )
+            if worker_exports_telemetry():
+                # The worker's OpenTelemetry providers export; ours would export every record
+                # again. The OpenTelemetry API hands out proxies until a provider is set, so
+                # metrics and spans reach the worker's providers whenever they are ready.
+                enable_otel()
+            else:
+                _configure_azure_monitor(
+                    settings.appinsights_connection,
+                    os.environ.get("APPLICATIONINSIGHTS_AUTHENTICATION_STRING", ""),
+                )
 
 
 def aad_client_id(authentication_string: str) -> str | None:

@@ -1,16 +1,22 @@
 // Power theft detector: the whole environment in one resource group.
 //
 //   identity           user-assigned managed identity of the Function App
-//   storage            data account: models (versioned, soft delete), batch-in, batch-out
+//   storage            data account: models (versioned, soft delete), batch-in, batch-out, the
+//                      Event Grid dead-letter container; CanNotDelete lock; blob data-plane logs
 //   host-storage       AzureWebJobsStorage + deployment package container (host-only rights)
 //   storage-roles      least-privilege, container-scoped roles on the data account
 //   monitoring         Log Analytics + Application Insights (local auth off)
-//   function-app       Flex Consumption plan (FC1) + Python 3.11 Function App
-//   eventgrid          Event Grid system topic on the data account (blob trigger source)
-//   alerts             action group + log alerts (5xx rate, p95 latency, batch and model failures)
+//   workbook           the operators' dashboard (Azure Monitor workbook)
+//   activity-log       the subscription's Activity Log to Log Analytics (optional)
+//   network            optional isolation (vnetEnabled): VNet, private DNS, private endpoints
+//   function-app       Flex Consumption plan (FC1, optionally zone-redundant) + Python 3.11 app
+//   eventgrid          Event Grid system topic on the data account (blob trigger source), its
+//                      identity (dead-lettering) and delivery-failure logs
+//   alerts             action group (e-mail and/or webhook) + log and metric alerts
 //
-// Deployed by .github/workflows/deploy.yml (what-if, then azure/bicep-deploy); the Event Grid
-// subscription is created by that workflow after the code, when the webhook key exists.
+// Deployed by .github/workflows/deploy.yml (what-if, then azure/bicep-deploy) or by `azd up`
+// (azure.yaml). The Event Grid subscription and the availability test need keys that exist only
+// once the code runs: infra/post-deploy.bicep, deployed by scripts/post-deploy.sh after the code.
 targetScope = 'resourceGroup'
 
 @description('Azure region of every resource; must offer Flex Consumption.')
@@ -53,13 +59,23 @@ param softDeleteRetentionDays int = 30
 @maxValue(1000)
 param maximumInstanceCount int = 100
 
-@description('Flex Consumption: memory per instance in MB.')
+// 512 is left out: reported refused by Microsoft.Web/sites@2024-04-01 (the API version of
+// modules/function-app.bicep; Azure/azure-rest-api-specs issue 40898).
+@description('Flex Consumption: memory per instance in MB (2048 or 4096 with the API version in use).')
 @allowed([
-  512
   2048
   4096
 ])
 param instanceMemoryMB int = 2048
+
+@description('Zone redundancy: a zone-redundant Flex Consumption plan, and zone-redundant storage (ZRS, or GZRS for a geo-redundant storageSku) for both accounts.')
+param zoneRedundant bool = false
+
+@description('Network isolation (off by default, as in Microsoft\'s samples): VNet integration of the app, private endpoints for the data and host accounts, and their firewalls set to deny.')
+param vnetEnabled bool = false
+
+@description('With vnetEnabled: public IP ranges (CIDR) the storage firewalls still let in, e.g. a self-hosted runner or the operators\' network; the GitHub-hosted runners\' addresses are not fixed.')
+param allowedIpRanges array = []
 
 @description('Flex Consumption: concurrent HTTP invocations per instance (triggers.http.perInstanceConcurrency).')
 @minValue(1)
@@ -71,19 +87,43 @@ param httpPerInstanceConcurrency int = 8
 @maxValue(1000)
 param alwaysReadyInstances int = 0
 
-@description('Object id of the deployment principal (GitHub OIDC service principal): gets Blob Data Contributor on models for ptd publish. Empty: no assignment.')
-param deployerPrincipalId string = ''
+// The principal running the deployment (the GitHub OIDC service principal, or the user of
+// `azd up`) by default, as Azure-Samples/functions-quickstart-python-azd-eventgrid-blob does:
+// without the role, ptd publish fails with 403 on the first deploy.
+@description('Object id of the deployment principal: gets Blob Data Contributor on models (ptd publish/activate) and on batch-in/batch-out (the post-deploy smoke test). Default: whoever deploys; empty: no assignment.')
+param deployerPrincipalId string = deployer().objectId
 
-@description('Principal type of deployerPrincipalId.')
+@description('Principal type of deployerPrincipalId; empty lets Azure look it up (right for both a service principal and a user).')
 @allowed([
+  ''
   'ServicePrincipal'
   'User'
   'Group'
 ])
-param deployerPrincipalType string = 'ServicePrincipal'
+param deployerPrincipalType string = ''
 
-@description('E-mail address for alerts; empty creates the action group without a receiver.')
+@description('Deploy the action group and the alert rules. They need a receiver: alertEmail and/or alertWebhookUrl (the deployment fails without one). false: no alerts at all, explicitly.')
+param alertsEnabled bool = true
+
+@description('E-mail address that receives alerts.')
 param alertEmail string = ''
+
+@description('Webhook that receives alerts (common alert schema), e.g. a Teams or PagerDuty URL.')
+@secure()
+param alertWebhookUrl string = ''
+
+@description('Rate and percentile alerts ignore 5-minute bins with fewer requests than this.')
+@minValue(1)
+param alertMinRequests int = 20
+
+@description('Send the subscription\'s Activity Log to this stage\'s Log Analytics workspace (needs diagnosticSettings/write on the subscription).')
+param activityLogEnabled bool = true
+
+@description('CanNotDelete lock on the data storage account.')
+param lockDataAccount bool = true
+
+@description('azd environment name (AZURE_ENV_NAME, set by azd): tagged azd-env-name on every resource; empty outside azd.')
+param azdEnvName string = ''
 
 @description('Alert threshold: percent of requests answered 5xx in a 5-minute bin.')
 @minValue(1)
@@ -143,15 +183,23 @@ param logLevel string = 'INFO'
 param tags object = {}
 
 var token = toLower(uniqueString(subscription().id, resourceGroup().id, appName, environmentName))
-var allTags = union(tags, {
+var azdTags = empty(azdEnvName) ? {} : { 'azd-env-name': azdEnvName }
+var allTags = union(tags, azdTags, {
   application: 'power-theft-detector'
   environment: environmentName
 })
+// Zone redundancy needs zone-redundant storage: ZRS, or GZRS when geo-redundancy was asked for.
+// https://learn.microsoft.com/azure/azure-functions/functions-zone-redundancy
+var zoneSku = contains(['Standard_GRS', 'Standard_GZRS'], storageSku) ? 'Standard_GZRS' : 'Standard_ZRS'
+var dataStorageSku = zoneRedundant ? zoneSku : storageSku
+var hostStorageSku = zoneRedundant ? 'Standard_ZRS' : 'Standard_LRS'
+var alertReceivers = concat(empty(alertEmail) ? [] : ['email'], empty(alertWebhookUrl) ? [] : ['webhook'])
 var functionAppName = 'func-${appName}-${environmentName}-${token}'
 var modelsContainerName = 'models'
 var batchInContainerName = 'batch-in'
 var batchOutContainerName = 'batch-out'
 var deploymentContainerName = 'app-package'
+var deadLetterContainerName = 'eventgrid-deadletter'
 
 module identity 'modules/identity.bicep' = {
   name: 'identity'
@@ -167,12 +215,17 @@ module storage 'modules/storage.bicep' = {
   params: {
     location: location
     name: take('st${appName}${token}', 24)
-    sku: storageSku
+    sku: dataStorageSku
     modelsContainerName: modelsContainerName
     batchInContainerName: batchInContainerName
     batchOutContainerName: batchOutContainerName
+    deadLetterContainerName: deadLetterContainerName
     batchRetentionDays: batchRetentionDays
     softDeleteRetentionDays: softDeleteRetentionDays
+    vnetEnabled: vnetEnabled
+    allowedIpRanges: allowedIpRanges
+    lockAccount: lockDataAccount
+    workspaceId: monitoring.outputs.workspaceId
     tags: allTags
   }
 }
@@ -182,8 +235,11 @@ module hostStorage 'modules/host-storage.bicep' = {
   params: {
     location: location
     name: take('sth${appName}${token}', 24)
+    sku: hostStorageSku
     deploymentContainerName: deploymentContainerName
     principalId: identity.outputs.principalId
+    vnetEnabled: vnetEnabled
+    allowedIpRanges: allowedIpRanges
     tags: allTags
   }
 }
@@ -199,6 +255,59 @@ module storageRoles 'modules/storage-roles.bicep' = {
     appPrincipalId: identity.outputs.principalId
     deployerPrincipalId: deployerPrincipalId
     deployerPrincipalType: deployerPrincipalType
+  }
+}
+
+module network 'modules/network.bicep' = if (vnetEnabled) {
+  name: 'network'
+  params: {
+    location: location
+    name: 'vnet-${appName}-${environmentName}-${token}'
+    tags: allTags
+  }
+}
+
+module dataPrivateEndpoints 'modules/private-endpoints.bicep' = if (vnetEnabled) {
+  name: 'data-private-endpoints'
+  params: {
+    location: location
+    storageAccountName: storage.outputs.name
+    subnetId: network.outputs.privateEndpointSubnetId
+    endpoints: [
+      {
+        service: 'blob'
+        dnsZoneId: network.outputs.blobDnsZoneId
+      }
+      {
+        service: 'queue'
+        dnsZoneId: network.outputs.queueDnsZoneId
+      }
+    ]
+    tags: allTags
+  }
+}
+
+module hostPrivateEndpoints 'modules/private-endpoints.bicep' = if (vnetEnabled) {
+  name: 'host-private-endpoints'
+  params: {
+    location: location
+    storageAccountName: hostStorage.outputs.name
+    subnetId: network.outputs.privateEndpointSubnetId
+    endpoints: [
+      {
+        service: 'blob'
+        dnsZoneId: network.outputs.blobDnsZoneId
+      }
+      {
+        service: 'queue'
+        dnsZoneId: network.outputs.queueDnsZoneId
+      }
+      {
+        service: 'table'
+        dnsZoneId: network.outputs.tableDnsZoneId
+      }
+    ]
+    tags: allTags
   }
 }
 
@@ -229,6 +338,8 @@ module functionApp 'modules/function-app.bicep' = {
     dataBlobEndpoint: storage.outputs.blobEndpoint
     dataQueueEndpoint: storage.outputs.queueEndpoint
     appInsightsConnectionString: monitoring.outputs.connectionString
+    zoneRedundant: zoneRedundant
+    virtualNetworkSubnetId: vnetEnabled ? network.outputs.appSubnetId : ''
     maximumInstanceCount: maximumInstanceCount
     instanceMemoryMB: instanceMemoryMB
     httpPerInstanceConcurrency: httpPerInstanceConcurrency
@@ -251,6 +362,8 @@ module functionApp 'modules/function-app.bicep' = {
     hostStorage
     storageRoles
     monitoring
+    dataPrivateEndpoints
+    hostPrivateEndpoints
   ]
 }
 
@@ -260,19 +373,47 @@ module eventGrid 'modules/eventgrid.bicep' = {
     location: location
     name: 'evgt-${appName}-${environmentName}-${token}'
     storageAccountId: storage.outputs.id
+    storageAccountName: storage.outputs.name
+    deadLetterContainerName: storage.outputs.deadLetterContainerName
+    workspaceId: monitoring.outputs.workspaceId
     tags: allTags
   }
 }
 
-module alerts 'modules/alerts.bicep' = {
+module workbook 'modules/workbook.bicep' = {
+  name: 'workbook'
+  params: {
+    location: location
+    displayName: 'Power theft detector (${environmentName})'
+    appInsightsId: monitoring.outputs.appInsightsId
+    tags: allTags
+  }
+}
+
+module activityLog 'modules/activity-log.bicep' = if (activityLogEnabled) {
+  name: 'activity-log-${environmentName}'
+  scope: subscription()
+  params: {
+    name: 'activity-log-to-${appName}-${environmentName}-${token}'
+    workspaceId: monitoring.outputs.workspaceId
+  }
+}
+
+// No action group that notifies nobody: with alertsEnabled the module's `receivers` must not be
+// empty (ARM refuses the deployment otherwise); alertsEnabled=false skips alerting explicitly.
+module alerts 'modules/alerts.bicep' = if (alertsEnabled) {
   name: 'alerts'
   params: {
     location: location
     namePrefix: '${appName}-${environmentName}'
     appInsightsId: monitoring.outputs.appInsightsId
+    systemTopicId: eventGrid.outputs.id
+    receivers: alertReceivers
     alertEmail: alertEmail
+    alertWebhookUrl: alertWebhookUrl
     http5xxPercentThreshold: http5xxPercentThreshold
     p95LatencyThresholdMs: p95LatencyThresholdMs
+    minRequests: alertMinRequests
     tags: allTags
   }
 }
@@ -286,7 +427,9 @@ output storageBlobEndpoint string = storage.outputs.blobEndpoint
 output modelsContainerName string = storage.outputs.modelsContainerName
 output batchInContainerName string = storage.outputs.batchInContainerName
 output batchOutContainerName string = storage.outputs.batchOutContainerName
+output deadLetterContainerName string = storage.outputs.deadLetterContainerName
 output eventGridSystemTopicName string = eventGrid.outputs.name
+output actionGroupId string = alertsEnabled ? alerts.outputs.actionGroupId : ''
 output hostStorageAccountName string = hostStorage.outputs.name
 output identityClientId string = identity.outputs.clientId
 output appInsightsName string = monitoring.outputs.appInsightsName

@@ -4,6 +4,11 @@ What is checked is what a first deployment depends on: the Flex Consumption plan
 settings, identity-only connections, container-scoped least-privilege roles, storage hardening,
 Application Insights without local auth, the alerts, the Event Grid system topic, the outputs the
 deploy workflow reads, and that the app settings match what the code reads (both directions).
+Issue 16 added: the deployer defaulting to deployer(), dead-lettering and the post-deploy
+template (Event Grid subscription, availability test), alert receivers and minimum request
+counts, diagnostic settings, network isolation, zone redundancy, the lock, the workbook and the
+azd tags. Conditions of the templates (zone redundancy, receivers, isolation) are evaluated with
+a small interpreter of the parsed expressions (`evaluate`), not only looked at.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"
 MAIN = INFRA / "main.bicep"
 MODULES = INFRA / "modules"
+POST_DEPLOY = INFRA / "post-deploy.bicep"
 DEPLOY_WORKFLOW = ROOT / ".github" / "workflows" / "deploy.yml"
 BICEP_FILES = sorted(INFRA.rglob("*.bicep"))
+TELEMETRY = ROOT / "detector" / "telemetry.py"
 
 # Built-in role definition ids.
 BLOB_DATA_OWNER = "b7e6dc6d-f1e8-4753-8033-0f276bb0955b"
@@ -97,6 +104,82 @@ def module(name: str) -> dict[str, Any]:
     return parse(MODULES / name)
 
 
+def module_call(name: str) -> dict[str, Any]:
+    """The config of main.bicep's module `name` (name, params, scope), unwrapped from `if`."""
+    config = parse(MAIN)["modules"][name]["config"]
+    if "condition" in config and isinstance(config.get("config"), dict):
+        return config["config"]
+    return config
+
+
+def module_condition(name: str) -> Any:
+    config = parse(MAIN)["modules"][name]["config"]
+    return config.get("condition")
+
+
+def evaluate(expr: Any, scope: dict[str, Any]) -> Any:
+    """Evaluate a parsed Bicep expression of the kinds the templates use for their conditions
+    (ternaries, empty, contains, concat, union, !, literals, names of params and vars). pycep
+    writes names and string literals alike as strings: a string naming something in `scope` is
+    that value, any other string is itself."""
+    if isinstance(expr, str):
+        return scope.get(expr, expr)
+    if isinstance(expr, list):
+        return [evaluate(item, scope) for item in expr]
+    if not isinstance(expr, dict):
+        return expr
+    if "operator" in expr:
+        op, operands = expr["operator"]["type"], expr["operator"]["operands"]
+        if op == "conditional":
+            branch = "true_value" if evaluate(operands["condition"], scope) else "false_value"
+            return evaluate(operands[branch], scope)
+        if op == "not":
+            return not evaluate(operands["bool_value"], scope)
+        if op == "property_accessor":
+            base = evaluate(operands["operand_1"], scope)
+            path = operands["operand_2"]
+            names = []
+            while isinstance(path, dict):
+                names.append(path["operator"]["operands"]["operand_1"])
+                path = path["operator"]["operands"]["operand_2"]
+            names.append(path)
+            for name in names:
+                base = base[name] if isinstance(base, dict) else f"{base}.{name}"
+            return base
+        raise NotImplementedError(op)
+    if "function" in expr:
+        fn, args = expr["function"]["type"], expr["function"]["parameters"]
+        values = [evaluate(v, scope) for v in args.values()]
+        if fn == "empty":
+            return not values[0]
+        if fn == "contains":
+            return values[1] in values[0]
+        if fn == "concat":
+            return [item for value in values for item in value]
+        if fn == "union":
+            merged: dict[str, Any] = {}
+            for value in values:
+                merged.update(value)
+            return merged
+        raise NotImplementedError(fn)
+    return {key.strip("'"): evaluate(value, scope) for key, value in expr.items()}
+
+
+def defaults(doc: dict[str, Any]) -> dict[str, Any]:
+    return {name: spec.get("default") for name, spec in doc["parameters"].items()}
+
+
+def scope_of(doc: dict[str, Any], **params: Any) -> dict[str, Any]:
+    """Parameters (defaults overridden by `params`) and the variables computed from them."""
+    scope = {**defaults(doc), **params}
+    for name, spec in doc.get("variables", {}).items():
+        try:
+            scope[name] = evaluate(spec["value"], scope)
+        except (NotImplementedError, KeyError, TypeError):
+            scope[name] = spec["value"]  # uses functions the tests need not evaluate
+    return scope
+
+
 def body(resource: dict[str, Any]) -> dict[str, Any]:
     """The resource's object, unwrapped from an `if (...)` condition."""
     config = resource["config"]
@@ -129,6 +212,10 @@ def decorator(doc: dict[str, Any], param: str, kind: str) -> Any:
         if deco["type"] == kind:
             return deco["argument"]
     return None
+
+
+def is_secure(doc: dict[str, Any], param: str) -> bool:
+    return any(d["type"] == "secure" for d in doc["parameters"][param]["decorators"])
 
 
 def accessor(value: Any) -> tuple[str, str] | None:
@@ -193,8 +280,12 @@ def test_expected_files_exist() -> None:
         "function-app.bicep",
         "eventgrid.bicep",
         "alerts.bicep",
+        "network.bicep",
+        "private-endpoints.bicep",
+        "activity-log.bicep",
+        "workbook.bicep",
     } <= names
-    assert MAIN.exists()
+    assert MAIN.exists() and POST_DEPLOY.exists()
 
 
 def test_resources_are_declared_natively_not_from_registries() -> None:
@@ -210,20 +301,34 @@ def test_module_calls_match_module_parameters() -> None:
     for name, mod in parse(MAIN)["modules"].items():
         target = parse(INFRA / mod["detail"]["path"])
         declared = target["parameters"]
-        passed = set(mod["config"]["params"])
+        passed = set(module_call(name)["params"])
         assert passed <= set(declared), f"{name}: unknown params {passed - set(declared)}"
         required = {p for p, spec in declared.items() if spec.get("default") is None}
         assert required <= passed, f"{name}: required params not passed {required - passed}"
 
 
+def resolved_parameters(environ: dict[str, str]) -> dict[str, Any]:
+    """infra/main.parameters.json as the workflow resolves it (scripts/resolve_parameters.py)."""
+    from scripts.resolve_parameters import bicep_param_types, resolve
+
+    doc = json.loads((INFRA / "main.parameters.json").read_text())
+    return resolve(doc, bicep_param_types(MAIN), environ)["parameters"]
+
+
 def test_parameters_file_matches_main() -> None:
     main = parse(MAIN)
-    values = json.loads((INFRA / "main.parameters.json").read_text())["parameters"]
-    for name, spec in values.items():
-        assert name in main["parameters"], f"main.parameters.json sets unknown {name}"
-        allowed = decorator(main, name, "allowed")
-        if allowed is not None:
-            assert spec["value"] in allowed, f"{name}={spec['value']!r} not in {allowed}"
+    for environ in ({}, {"PTD_STAGE": "prod", "ZONE_REDUNDANT": "true", "VNET_ENABLED": "true"}):
+        values = resolved_parameters(environ)
+        for name, spec in values.items():
+            assert name in main["parameters"], f"main.parameters.json sets unknown {name}"
+            kind = main["parameters"][name]["type"]
+            python_type = {"int": int, "bool": bool, "string": str}[kind]
+            assert type(spec["value"]) is python_type, (name, spec["value"])
+            allowed = decorator(main, name, "allowed")
+            if allowed is not None:
+                assert spec["value"] in allowed, f"{name}={spec['value']!r} not in {allowed}"
+    # The deployer is left to main.bicep's default (deployer().objectId), not overridden by "".
+    assert "deployerPrincipalId" not in resolved_parameters({})
 
 
 # --- Function App on Flex Consumption -------------------------------------------------------
@@ -263,17 +368,22 @@ def test_scale_settings_are_parameters() -> None:
     assert "alwaysReadyHttp" in json.dumps(scale["alwaysReady"])
     always_ready = doc["variables"]["alwaysReadyHttp"]["value"]
     assert always_ready == [{"name": "http", "instanceCount": "alwaysReadyInstances"}]
-    assert set(decorator(doc, "instanceMemoryMB", "allowed")) <= {512, 2048, 4096}
+    # Microsoft.Web/sites@2024-04-01 was reported to refuse 512 (azure-rest-api-specs issue 40898).
+    app = resources_of(doc, "Microsoft.Web/sites")["app"]
+    assert app["api_version"] == "2024-04-01"
+    assert set(decorator(doc, "instanceMemoryMB", "allowed")) == {2048, 4096}
 
     main = parse(MAIN)
+    assert set(decorator(main, "instanceMemoryMB", "allowed")) == {2048, 4096}
     assert param_default(main, "alwaysReadyInstances") == 0
     for name in (
         "maximumInstanceCount",
         "instanceMemoryMB",
         "httpPerInstanceConcurrency",
         "alwaysReadyInstances",
+        "zoneRedundant",
     ):
-        assert main["modules"]["functionApp"]["config"]["params"][name] == name
+        assert module_call("functionApp")["params"][name] == name
 
 
 def test_basic_publishing_credentials_are_off() -> None:
@@ -428,14 +538,20 @@ def test_storage_sku_parameter() -> None:
         "Standard_ZRS",
         "Standard_GZRS",
     }
-    assert main["modules"]["storage"]["config"]["params"]["sku"] == "storageSku"
+    assert module_call("storage")["params"]["sku"] == "dataStorageSku"
+    assert module_call("hostStorage")["params"]["sku"] == "hostStorageSku"
 
 
 def test_data_containers_versioning_and_soft_delete() -> None:
     doc = module("storage.bicep")
     containers = resources_of(doc, "Microsoft.Storage/storageAccounts/blobServices/containers")
     names = {body(c)["name"] for c in containers.values()}
-    assert names == {"modelsContainerName", "batchInContainerName", "batchOutContainerName"}
+    assert names == {
+        "modelsContainerName",
+        "batchInContainerName",
+        "batchOutContainerName",
+        "deadLetterContainerName",
+    }
     assert all(body(c)["properties"]["publicAccess"] == "None" for c in containers.values())
     assert param_default(doc, "modelsContainerName") == "models"
     assert param_default(doc, "batchInContainerName") == "batch-in"
@@ -462,15 +578,14 @@ def test_lifecycle_policy_deletes_batch_files_after_retention() -> None:
     assert set(definition["filters"]["prefixMatch"]) == {
         "${batchInContainerName}/",
         "${batchOutContainerName}/",
+        "${deadLetterContainerName}/",
     }
     actions = definition["actions"]
     assert actions["baseBlob"]["delete"]["daysAfterModificationGreaterThan"] == "batchRetentionDays"
     assert actions["version"]["delete"]["daysAfterCreationGreaterThan"] == "batchRetentionDays"
     main = parse(MAIN)
     assert "batchRetentionDays" in main["parameters"]
-    assert main["modules"]["storage"]["config"]["params"]["batchRetentionDays"] == (
-        "batchRetentionDays"
-    )
+    assert module_call("storage")["params"]["batchRetentionDays"] == "batchRetentionDays"
 
 
 # --- role assignments -----------------------------------------------------------------------
@@ -487,6 +602,9 @@ def test_app_roles_on_data_account_are_container_scoped_least_privilege() -> Non
         ("batchOut", "appPrincipalId"): {BLOB_DATA_CONTRIBUTOR},
         ("poisonQueue", "appPrincipalId"): {QUEUE_DATA_CONTRIBUTOR},
         ("models", "deployerPrincipalId"): {BLOB_DATA_CONTRIBUTOR},
+        # The smoke test uploads a golden file to batch-in and reads (and deletes) its results.
+        ("batchIn", "deployerPrincipalId"): {BLOB_DATA_CONTRIBUTOR},
+        ("batchOut", "deployerPrincipalId"): {BLOB_DATA_CONTRIBUTOR},
     }
     # The scopes are the container (and queue) resources, not the account.
     containers = resources_of(
@@ -504,16 +622,35 @@ def test_app_roles_on_data_account_are_container_scoped_least_privilege() -> Non
     assert set(queues) == {"poisonQueue"}
 
 
-def test_deployer_role_is_optional() -> None:
+def test_deployer_defaults_to_whoever_deploys() -> None:
+    """Without a role on `models` every `ptd publish` of a first deploy fails: main.bicep gives it
+    to the deploying principal (deployer().objectId) unless told otherwise, as Azure's sample."""
+    main = parse(MAIN)
+    default = param_default(main, "deployerPrincipalId")
+    assert default == {
+        "operator": {
+            "type": "property_accessor",
+            "operands": {
+                "operand_1": {"function": {"type": "deployer", "parameters": {}}},
+                "operand_2": "objectId",
+            },
+        }
+    }
+    assert module_call("storageRoles")["params"]["deployerPrincipalId"] == "deployerPrincipalId"
     doc = module("storage-roles.bicep")
     deployer = [ra for ra in role_assignments(doc) if ra["principal"] == "deployerPrincipalId"]
-    assert len(deployer) == 1 and deployer[0]["conditional"]
-    assert param_default(doc, "deployerPrincipalId") == ""
-    main = parse(MAIN)
-    assert param_default(main, "deployerPrincipalId") == ""
-    assert main["modules"]["storageRoles"]["config"]["params"]["deployerPrincipalId"] == (
-        "deployerPrincipalId"
-    )
+    assert len(deployer) == 3 and all(ra["conditional"] for ra in deployer)
+    assert param_default(doc, "deployerPrincipalId") == ""  # the module still allows none
+    # principalType: unset (null) by default so one template serves a GitHub service principal
+    # and an azd user; a wrong principalType would fail the assignment.
+    assert param_default(main, "deployerPrincipalType") == ""
+    for ra in deployer:
+        for kind, expected in (
+            ("", None),
+            ("User", "User"),
+            ("ServicePrincipal", "ServicePrincipal"),
+        ):
+            assert evaluate(ra["principalType"], {"deployerPrincipalType": kind}) == expected
 
 
 def test_host_roles_on_its_own_account() -> None:
@@ -542,12 +679,15 @@ def test_all_role_assignments_have_principal_types_and_stable_names() -> None:
         for symbol, res in resources_of(doc, "Microsoft.Authorization/roleAssignments").items():
             cfg = body(res)
             assert cfg["name"]["function"]["type"] == "guid", f"{path}: {symbol}"
-            assert cfg["properties"]["principalType"], f"{path}: {symbol}"
+            principal_type = cfg["properties"]["principalType"]
+            if isinstance(principal_type, dict):  # the deployer's: null only when unknown
+                principal_type = evaluate(principal_type, {"deployerPrincipalType": "User"})
+            assert principal_type, f"{path}: {symbol}"
 
 
 def test_app_and_roles_use_the_same_identity() -> None:
     main = parse(MAIN)
-    params = {name: mod["config"]["params"] for name, mod in main["modules"].items()}
+    params = {name: module_call(name)["params"] for name in main["modules"]}
     for mod, key in (
         ("hostStorage", "principalId"),
         ("storageRoles", "appPrincipalId"),
@@ -575,15 +715,28 @@ def test_application_insights_local_auth_off() -> None:
     ]
 
 
-def test_alerts_cover_the_four_conditions_and_notify() -> None:
+def alert_rules() -> dict[str, dict[str, Any]]:
     doc = module("alerts.bicep")
-    group = one(doc, "Microsoft.Insights/actionGroups")
-    assert "emailReceivers" in group["properties"]
-    assert "alertEmail" in json.dumps(doc["variables"]["emailReceivers"])
-    rules = {
+    return {
         symbol: body(res)
         for symbol, res in resources_of(doc, "Microsoft.Insights/scheduledQueryRules").items()
     }
+
+
+def rendered_query(rule: dict[str, Any], **params: Any) -> str:
+    """The KQL of a log alert rule as ARM would send it (format() applied)."""
+    scope = scope_of(module("alerts.bicep"), receivers=["email"], **params)
+    (criterion,) = rule["properties"]["criteria"]["allOf"]
+    query = criterion["query"]
+    if isinstance(query, dict) and query.get("function", {}).get("type") == "format":
+        args = [evaluate(v, scope) for v in query["function"]["parameters"].values()]
+        return str(args[0]).format(*args[1:])
+    return str(evaluate(query, scope))
+
+
+def test_alerts_cover_the_four_conditions_and_notify() -> None:
+    doc = module("alerts.bicep")
+    rules = alert_rules()
     assert len(rules) >= 4
     queries = {}
     for symbol, rule in rules.items():
@@ -591,18 +744,97 @@ def test_alerts_cover_the_four_conditions_and_notify() -> None:
         assert props["enabled"] is True, symbol
         assert props["scopes"] == ["appInsightsId"], symbol
         assert accessor(props["actions"]["actionGroups"][0]) == ("actionGroup", "id"), symbol
-        (criterion,) = props["criteria"]["allOf"]
-        queries[symbol] = json.dumps(criterion)
-    assert any("resultCode" in q and ">= 500" in q for q in queries.values()), "5xx alert"
-    assert any("percentile(duration, 95)" in q for q in queries.values()), "p95 alert"
+        queries[symbol] = rendered_query(rule)
+    assert "countif(toint(resultCode) >= 500)" in queries["http5xx"], "5xx alert"
+    assert "percentile(duration, 95)" in queries["p95Latency"], "p95 alert"
     variables = {k: v["value"] for k, v in doc["variables"].items()}
     events = {variables["batchFailedEvent"], variables["modelLoadFailedEvent"]}
     assert events == set(ALERT_EVENTS)
-    for var in ("batchFailedEvent", "modelLoadFailedEvent"):
-        assert any(var in q and "eventQuery" in q for q in queries.values()), var
+    assert '"batch_failed"' in queries["batchFailed"]
+    assert '"model_load_failed"' in queries["modelLoadFailed"]
+    assert module_call("alerts")["params"]["alertEmail"] == "alertEmail"
+
+
+def test_rate_alerts_need_a_minimum_request_count() -> None:
+    """One failed request in a quiet 5-minute bin is not "100 % errors"."""
+    rules = alert_rules()
+    for symbol in ("http5xx", "p95Latency"):
+        query = rendered_query(rules[symbol], minRequests=37)
+        stages = [stage.strip() for stage in query.split("|")]
+        summarize = next(i for i, st in enumerate(stages) if st.startswith("summarize"))
+        minimum = next(i for i, st in enumerate(stages) if st.endswith(">= 37"))
+        assert summarize < minimum, f"{symbol}: the minimum must filter the summarized bins"
+        if symbol == "http5xx":
+            percent = next(i for i, st in enumerate(stages) if "failedPercent" in st)
+            assert minimum < percent
+    doc = module("alerts.bicep")
+    assert param_default(doc, "minRequests") == 20
+    assert decorator(doc, "minRequests", "min_value") == 1
+    assert module_call("alerts")["params"]["minRequests"] == "alertMinRequests"
+    assert param_default(parse(MAIN), "alertMinRequests") == 20
+
+
+def action_group_receivers(**main_params: Any) -> dict[str, list[Any]]:
+    """The action group's receivers for main.bicep parameters, through the module call."""
+    main_scope = scope_of(parse(MAIN), **main_params)
+    call = module_call("alerts")["params"]
+    module_params = {
+        name: evaluate(call[name], main_scope)
+        for name in ("receivers", "alertEmail", "alertWebhookUrl")
+    }
+    doc = module("alerts.bicep")
+    scope = scope_of(doc, **module_params)
+    group = one(doc, "Microsoft.Insights/actionGroups")["properties"]
+    return {
+        "receivers": module_params["receivers"],
+        "email": evaluate(group["emailReceivers"], scope),
+        "webhook": evaluate(group["webhookReceivers"], scope),
+    }
+
+
+def test_no_action_group_without_a_receiver() -> None:
     main = parse(MAIN)
-    assert param_default(main, "alertEmail") == ""
-    assert main["modules"]["alerts"]["config"]["params"]["alertEmail"] == "alertEmail"
+    assert param_default(main, "alertsEnabled") is True
+    assert module_condition("alerts") == "alertsEnabled"  # false: no alerts, explicitly
+    assert decorator(module("alerts.bicep"), "receivers", "min_length") == 1
+    assert is_secure(main, "alertWebhookUrl")  # a webhook URL carries its own token
+    # Neither receiver: the list ARM checks against minLength 1 is empty, so ARM refuses.
+    assert action_group_receivers()["receivers"] == []
+    email = action_group_receivers(alertEmail="oncall@example.org")
+    assert email["receivers"] == ["email"]
+    assert [r["emailAddress"] for r in email["email"]] == ["oncall@example.org"]
+    assert email["webhook"] == []
+    hook = action_group_receivers(alertWebhookUrl="https://hooks.example.org/x")
+    assert hook["email"] == [] and [r["serviceUri"] for r in hook["webhook"]] == [
+        "https://hooks.example.org/x"
+    ]
+    both = action_group_receivers(alertEmail="a@example.org", alertWebhookUrl="https://h/x")
+    assert both["receivers"] == ["email", "webhook"]
+    assert all(r["useCommonAlertSchema"] is True for r in both["email"] + both["webhook"])
+
+
+def test_event_grid_delivery_alerts() -> None:
+    """Dead-lettered, dropped and failed deliveries of BlobCreated events page someone."""
+    doc = module("alerts.bicep")
+    (symbol,) = resources_of(doc, "Microsoft.Insights/metricAlerts")
+    res = resources_of(doc, "Microsoft.Insights/metricAlerts")[symbol]
+    assert res["config"]["loop_type"]["detail"]["array_name"] == "eventGridRules"
+    cfg = body(res)["properties"]
+    assert cfg["scopes"] == ["systemTopicId"]
+    (criterion,) = cfg["criteria"]["allOf"]
+    assert criterion["metricNamespace"] == "Microsoft.EventGrid/systemTopics"
+    assert criterion["operator"] == "GreaterThan" and criterion["threshold"] == 0
+    assert criterion["timeAggregation"] == "Total"
+    assert cfg["actions"][0]["actionGroupId"] == {
+        "operator": {
+            "type": "property_accessor",
+            "operands": {"operand_1": "actionGroup", "operand_2": "id"},
+        }
+    }
+    metrics = {rule["metric"] for rule in doc["variables"]["eventGridRules"]["value"]}
+    assert metrics == {"DeadLetteredCount", "DroppedEventCount", "DeliveryAttemptFailCount"}
+    topic = json.dumps(module_call("alerts")["params"]["systemTopicId"])
+    assert '"eventGrid"' in topic and '"id"' in topic
 
 
 def test_alert_event_names_match_the_app_telemetry() -> None:
@@ -650,3 +882,302 @@ def test_outputs_used_by_the_deploy_workflow_exist() -> None:
         used |= set(re.findall(rf"steps\.{step_id}\.outputs\.([A-Za-z0-9_]+)", workflow))
     assert used, "the workflow reads no deployment output"
     assert used <= outputs, f"deploy.yml reads outputs main.bicep lacks: {sorted(used - outputs)}"
+
+
+# --- Event Grid: dead-lettering, the post-deploy subscription, the availability test -------------
+
+
+def test_system_topic_identity_writes_dead_letters_only() -> None:
+    doc = module("eventgrid.bicep")
+    topic = one(doc, "Microsoft.EventGrid/systemTopics")
+    assert topic["identity"] == {"type": "SystemAssigned"}
+    (ra,) = role_assignments(doc)
+    assert ra["scope"] == "deadLetter" and ra["role"] == BLOB_DATA_CONTRIBUTOR
+    assert "systemTopic" in json.dumps(ra["principal"]) and "principalId" in json.dumps(
+        ra["principal"]
+    )
+    (container,) = resources_of(
+        doc, "Microsoft.Storage/storageAccounts/blobServices/containers", existing=True
+    ).values()
+    assert body(container)["name"] == "deadLetterContainerName"
+    params = module_call("eventGrid")["params"]
+    assert "deadLetterContainerName" in json.dumps(params["deadLetterContainerName"])
+    assert parse(MAIN)["variables"]["deadLetterContainerName"]["value"] == "eventgrid-deadletter"
+
+
+def post_deploy_subscription() -> dict[str, Any]:
+    return one(parse(POST_DEPLOY), "Microsoft.EventGrid/systemTopics/eventSubscriptions")
+
+
+def test_blob_trigger_subscription_targets_the_webhook_with_the_secure_key() -> None:
+    doc = parse(POST_DEPLOY)
+    sub = post_deploy_subscription()["properties"]
+    destination = sub["destination"]
+    assert destination["endpointType"] == "WebHook"
+    url = destination["properties"]["endpointUrl"]
+    function = doc["variables"]["blobFunctionName"]["value"]
+    assert url == (
+        "https://${app.properties.defaultHostName}/runtime/webhooks/blobs"
+        "?functionName=Host.Functions.${blobFunctionName}&code=${blobsExtensionKey}"
+    )
+    assert is_secure(doc, "blobsExtensionKey") and is_secure(doc, "healthCheckKey")
+    assert sub["filter"]["includedEventTypes"] == ["Microsoft.Storage.BlobCreated"]
+    assert sub["filter"]["subjectBeginsWith"] == (
+        "/blobServices/default/containers/${batchInContainerName}/"
+    )
+    # The function the webhook names is the blob function of function_app.py.
+    source = (ROOT / "function_app.py").read_text()
+    assert re.search(rf"function_name\(\s*[\"']{function}[\"']\s*\)", source)
+    assert param_default(doc, "batchInContainerName") == "batch-in"
+
+
+def test_blob_trigger_subscription_retries_then_dead_letters() -> None:
+    doc = parse(POST_DEPLOY)
+    sub = post_deploy_subscription()["properties"]
+    assert "deadLetterDestination" not in sub  # only the identity-based form
+    assert sub["retryPolicy"] == {
+        "maxDeliveryAttempts": "maxDeliveryAttempts",
+        "eventTimeToLiveInMinutes": "eventTimeToLiveInMinutes",
+    }
+    assert param_default(doc, "maxDeliveryAttempts") == 30
+    assert decorator(doc, "maxDeliveryAttempts", "max_value") == 30
+    assert param_default(doc, "eventTimeToLiveInMinutes") == 1440
+    assert decorator(doc, "eventTimeToLiveInMinutes", "max_value") == 1440
+    dead = sub["deadLetterWithResourceIdentity"]
+    assert dead["identity"] == {"type": "SystemAssigned"}  # the topic's, given the role above
+    destination = dead["deadLetterDestination"]
+    assert destination["endpointType"] == "StorageBlob"
+    assert accessor(destination["properties"]["resourceId"]) == ("account", "id")
+    assert destination["properties"]["blobContainerName"] == "deadLetterContainerName"
+    assert (
+        param_default(doc, "deadLetterContainerName")
+        == (parse(MAIN)["variables"]["deadLetterContainerName"]["value"])
+    )
+    account = resources_of(doc, "Microsoft.Storage/storageAccounts", existing=True)["account"]
+    assert body(account)["name"] == "storageAccountName"
+
+
+def test_availability_test_of_health_and_its_alert() -> None:
+    doc = parse(POST_DEPLOY)
+    tests = resources_of(doc, "Microsoft.Insights/webtests")
+    (res,) = tests.values()
+    assert res["config"]["condition"] is not None  # only with a key to send
+    webtest = body(res)
+    assert webtest["kind"] == "standard" and webtest["properties"]["Kind"] == "standard"
+    props = webtest["properties"]
+    assert props["Request"]["RequestUrl"] == "https://${app.properties.defaultHostName}/api/health"
+    assert props["Request"]["HttpVerb"] == "GET"
+    assert props["Request"]["Headers"] == [{"key": "x-functions-key", "value": "healthCheckKey"}]
+    assert props["ValidationRules"]["ExpectedHttpStatusCode"] == 200
+    assert props["ValidationRules"]["ContentValidation"]["ContentMatch"] == '"status":"ok"'
+    assert len(param_default(doc, "availabilityTestLocations")) >= 5
+    assert "'hidden-link:${appInsights.id}'" in json.dumps(webtest["tags"])
+    alert = one(doc, "Microsoft.Insights/metricAlerts")["properties"]
+    criteria = alert["criteria"]
+    assert criteria["'odata.type'"] == (
+        "Microsoft.Azure.Monitor.WebtestLocationAvailabilityCriteria"
+    )
+    assert accessor(criteria["webTestId"]) == ("healthTest", "id")
+    assert alert["actions"] == [{"actionGroupId": "actionGroupId"}]
+
+
+# --- diagnostics, lock ------------------------------------------------------------------------
+
+
+def diagnostic_categories(cfg: dict[str, Any]) -> set[str]:
+    return {entry["category"] for entry in cfg["properties"]["logs"] if entry["enabled"] is True}
+
+
+def test_blob_data_plane_logs_go_to_log_analytics() -> None:
+    doc = module("storage.bicep")
+    (res,) = resources_of(doc, "Microsoft.Insights/diagnosticSettings").values()
+    cfg = body(res)
+    assert cfg["scope"] == "blobService"  # every container: batch-in, batch-out, models, ...
+    assert diagnostic_categories(cfg) == {"StorageRead", "StorageWrite", "StorageDelete"}
+    assert cfg["properties"]["workspaceId"] == "workspaceId"
+    workspace = json.dumps(module_call("storage")["params"]["workspaceId"])
+    assert '"monitoring"' in workspace and "workspaceId" in workspace
+
+
+def test_event_grid_delivery_failures_go_to_log_analytics() -> None:
+    doc = module("eventgrid.bicep")
+    (res,) = resources_of(doc, "Microsoft.Insights/diagnosticSettings").values()
+    cfg = body(res)
+    assert cfg["scope"] == "systemTopic"
+    assert diagnostic_categories(cfg) == {"DeliveryFailures"}
+    assert "workspaceId" in json.dumps(module_call("eventGrid")["params"]["workspaceId"])
+
+
+def test_activity_log_goes_to_log_analytics() -> None:
+    doc = module("activity-log.bicep")
+    assert doc["globals"]["scope"]["value"] == "subscription"
+    (res,) = resources_of(doc, "Microsoft.Insights/diagnosticSettings").values()
+    logs = body(res)["properties"]["logs"]
+    assert logs["loop_type"]["detail"]["array_name"] == "categories"
+    categories = set(doc["variables"]["categories"]["value"])
+    assert {"Administrative", "Security", "Policy", "Alert"} <= categories
+    call = module_call("activityLog")
+    assert call["scope"] == {
+        "function": {"type": "subscription", "parameters": {"subscription_id": None}}
+    }
+    assert module_condition("activityLog") == "activityLogEnabled"
+    assert param_default(parse(MAIN), "activityLogEnabled") is True
+
+
+def test_data_account_has_a_can_not_delete_lock() -> None:
+    doc = module("storage.bicep")
+    (res,) = resources_of(doc, "Microsoft.Authorization/locks").values()
+    assert res["config"]["condition"] == "lockAccount"
+    lock = body(res)
+    assert lock["scope"] == "account" and lock["properties"]["level"] == "CanNotDelete"
+    assert param_default(doc, "lockAccount") is True
+    assert module_call("storage")["params"]["lockAccount"] == "lockDataAccount"
+    assert param_default(parse(MAIN), "lockDataAccount") is True
+    # The host account is rebuilt by any deploy and carries no lock.
+    assert not resources_of(module("host-storage.bicep"), "Microsoft.Authorization/locks")
+
+
+# --- network isolation and zone redundancy ------------------------------------------------------
+
+
+def test_network_isolation_is_off_by_default_and_complete_when_on() -> None:
+    main = parse(MAIN)
+    assert param_default(main, "vnetEnabled") is False
+    for name in ("network", "dataPrivateEndpoints", "hostPrivateEndpoints"):
+        assert module_condition(name) == "vnetEnabled", name
+    services = {
+        name: [e["service"] for e in module_call(name)["params"]["endpoints"]]
+        for name in ("dataPrivateEndpoints", "hostPrivateEndpoints")
+    }
+    assert services == {
+        "dataPrivateEndpoints": ["blob", "queue"],  # models/batch containers, poison queue
+        "hostPrivateEndpoints": ["blob", "queue", "table"],  # AzureWebJobsStorage
+    }
+    subnet = module_call("functionApp")["params"]["virtualNetworkSubnetId"]
+    assert evaluate(subnet, {"vnetEnabled": False}) == ""
+    assert evaluate(subnet, {"vnetEnabled": True}) == "network.outputs.appSubnetId"
+    app = one(module("function-app.bicep"), "Microsoft.Web/sites")["properties"]
+    assert evaluate(app["virtualNetworkSubnetId"], {"virtualNetworkSubnetId": ""}) is None
+    net = one(module("network.bicep"), "Microsoft.Network/virtualNetworks")["properties"]
+    subnets = {s["name"]: s["properties"] for s in net["subnets"]}
+    assert subnets["app"]["delegations"][0]["properties"]["serviceName"] == (
+        "Microsoft.App/environments"
+    )
+    assert set(module("network.bicep")["variables"]["storageServices"]["value"]) == {
+        "blob",
+        "queue",
+        "table",
+    }
+
+
+@pytest.mark.parametrize("name", ["storage.bicep", "host-storage.bicep"])
+def test_storage_firewall_follows_vnet_enabled(name: str) -> None:
+    doc = module(name)
+    account = one(doc, "Microsoft.Storage/storageAccounts")["properties"]
+    acls = account["networkAcls"]
+    for enabled, action in ((False, "Allow"), (True, "Deny")):
+        scope = scope_of(doc, vnetEnabled=enabled, allowedIpRanges=[])
+        rules = evaluate(acls, scope)
+        assert rules["defaultAction"] == action, (name, enabled)
+        assert rules["bypass"] == "AzureServices"  # Event Grid dead-lettering with its identity
+    assert (
+        module_call("storage" if name == "storage.bicep" else "hostStorage")["params"][
+            "vnetEnabled"
+        ]
+        == "vnetEnabled"
+    )
+
+
+@pytest.mark.parametrize(
+    ("zone_redundant", "storage_sku", "data_sku", "host_sku"),
+    [
+        (False, "Standard_LRS", "Standard_LRS", "Standard_LRS"),
+        (False, "Standard_GRS", "Standard_GRS", "Standard_LRS"),
+        (True, "Standard_LRS", "Standard_ZRS", "Standard_ZRS"),
+        (True, "Standard_GRS", "Standard_GZRS", "Standard_ZRS"),
+        (True, "Standard_GZRS", "Standard_GZRS", "Standard_ZRS"),
+    ],
+)
+def test_zone_redundancy_brings_zone_redundant_storage(
+    zone_redundant: bool, storage_sku: str, data_sku: str, host_sku: str
+) -> None:
+    scope = scope_of(parse(MAIN), zoneRedundant=zone_redundant, storageSku=storage_sku)
+    assert scope["dataStorageSku"] == data_sku
+    assert scope["hostStorageSku"] == host_sku
+    assert host_sku in decorator(module("host-storage.bicep"), "sku", "allowed")
+    plan = one(module("function-app.bicep"), "Microsoft.Web/serverfarms")["properties"]
+    assert plan["zoneRedundant"] == "zoneRedundant"
+    assert param_default(parse(MAIN), "zoneRedundant") is False
+
+
+# --- the operators' workbook --------------------------------------------------------------------
+
+
+def workbook() -> dict[str, Any]:
+    return json.loads((MODULES / "workbook.json").read_text())
+
+
+def test_workbook_is_deployed_on_application_insights() -> None:
+    wb = one(module("workbook.bicep"), "Microsoft.Insights/workbooks")
+    assert wb["kind"] == "shared"
+    assert wb["properties"]["sourceId"] == "appInsightsId"
+    assert wb["properties"]["serializedData"] == {
+        "function": {
+            "type": "load_text_content",
+            "parameters": {"file_path": "workbook.json", "encoding": None},
+        }
+    }
+    assert "appInsightsId" in json.dumps(module_call("workbook")["params"]["appInsightsId"])
+    assert workbook()["version"] == "Notebook/1.0"
+
+
+def test_workbook_shows_the_operators_dashboard() -> None:
+    panels = {
+        item["name"]: item["content"]["query"] for item in workbook()["items"] if item["type"] == 3
+    }
+    assert set(panels) >= {
+        "requests",
+        "latency",
+        "errors",
+        "batch-files",
+        "batch-rows",
+        "flagged-share",
+        "model-version",
+        "cold-starts",
+    }
+    assert "percentile(duration, 95)" in panels["latency"]
+    assert "resultCode" in panels["errors"]
+    assert "model_version" in panels["model-version"]
+    # Every metric a panel reads is one the app records (detector/telemetry.py).
+    tree = ast.parse(TELEMETRY.read_text())
+    help_names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.AnnAssign | ast.Assign) and isinstance(node.value, ast.Dict):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == "_HELP" for t in targets):
+                help_names = {k.value for k in node.value.keys if isinstance(k, ast.Constant)}
+    assert help_names, "detector/telemetry.py has no _HELP table"
+    used = set()
+    for query in panels.values():
+        used |= set(re.findall(r'"([a-z_]+_(?:total|seconds|ms))"', query))
+    assert used and used <= help_names, used - help_names
+    assert {"batch_files_total", "predictions_flagged_total", "model_load_seconds"} <= used
+
+
+# --- azd ---------------------------------------------------------------------------------------
+
+
+def test_azd_tags() -> None:
+    azure_yaml = yaml.safe_load((ROOT / "azure.yaml").read_text())
+    (service,) = azure_yaml["services"]
+    app = one(module("function-app.bicep"), "Microsoft.Web/sites")
+    assert evaluate(app["tags"], {"tags": {}, "azdServiceName": service})["azd-service-name"] == (
+        service
+    )
+    assert param_default(module("function-app.bicep"), "azdServiceName") == service
+    assert scope_of(parse(MAIN), azdEnvName="ptd-dev", tags={})["allTags"]["azd-env-name"] == (
+        "ptd-dev"
+    )
+    assert "azd-env-name" not in scope_of(parse(MAIN), tags={})["allTags"]
+    values = resolved_parameters({"AZURE_ENV_NAME": "ptd-dev"})
+    assert values["azdEnvName"]["value"] == "ptd-dev"

@@ -48,9 +48,12 @@ param appInsightsConnectionString string
 @maxValue(1000)
 param maximumInstanceCount int = 100
 
+// Only the sizes Microsoft.Web/sites@2024-04-01 is known to accept: 512 MB was reported refused
+// by that API version (Azure/azure-rest-api-specs issue 40898, later reported working again in one
+// region); add it back here once it deploys in your region.
+// https://learn.microsoft.com/azure/azure-functions/flex-consumption-plan#instance-memory
 @description('Memory of each instance in MB; CPU is allocated in proportion.')
 @allowed([
-  512
   2048
   4096
 ])
@@ -65,6 +68,15 @@ param httpPerInstanceConcurrency int = 8
 @minValue(0)
 @maxValue(1000)
 param alwaysReadyInstances int = 0
+
+@description('Zone-redundant plan: instances spread over availability zones (the platform then keeps at least two always-ready instances; use ZRS storage with it).')
+param zoneRedundant bool = false
+
+@description('Subnet for VNet integration (delegated to Microsoft.App/environments); empty: no VNet integration.')
+param virtualNetworkSubnetId string = ''
+
+@description('azd service name (azure.yaml `services`): the tag azd finds the app by.')
+param azdServiceName string = 'api'
 
 // Application settings read by detector/config.py (see docs/CONFIGURATION.md).
 param modelVersion string = ''
@@ -103,13 +115,17 @@ resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
   }
   properties: {
     reserved: true
+    // https://learn.microsoft.com/azure/azure-functions/functions-zone-redundancy (Flex Consumption, Bicep)
+    zoneRedundant: zoneRedundant
   }
 }
 
 resource app 'Microsoft.Web/sites@2024-04-01' = {
   name: name
   location: location
-  tags: tags
+  tags: union(tags, {
+    'azd-service-name': azdServiceName
+  })
   kind: 'functionapp,linux'
   identity: {
     type: 'UserAssigned'
@@ -120,6 +136,7 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
   properties: {
     serverFarmId: plan.id
     httpsOnly: true
+    virtualNetworkSubnetId: empty(virtualNetworkSubnetId) ? null : virtualNetworkSubnetId
     clientCertEnabled: false
     siteConfig: {
       minTlsVersion: '1.2'
@@ -173,7 +190,12 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     // Telemetry through OpenTelemetry, authenticated with the identity (local auth is off).
     APPLICATIONINSIGHTS_CONNECTION_STRING: appInsightsConnectionString
     APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'
+    // The Python worker then calls configure_azure_monitor itself (and the app does not: see
+    // detector/telemetry.py), collecting the logs of this logger and its children only. Its
+    // default, the root logger, would also ship the SDKs' and the exporter's own records.
+    // https://github.com/Azure/azure-functions-python-worker/pull/1621
     PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY: 'true'
+    PYTHON_APPLICATIONINSIGHTS_LOGGER_NAME: 'detector'
     // Application settings (detector/config.py).
     PTD_MODEL_SOURCE: 'blob'
     PTD_MODEL_VERSION: modelVersion

@@ -18,8 +18,34 @@ param deploymentContainerName string = 'app-package'
 @description('Principal id of the Function App identity.')
 param principalId string
 
+@description('Redundancy: Standard_ZRS when the plan is zone-redundant (Microsoft recommends zone-redundant storage for a zone-redundant app).')
+@allowed([
+  'Standard_LRS'
+  'Standard_ZRS'
+])
+param sku string = 'Standard_LRS'
+
+@description('Network isolation: firewall on; the app reaches the account through private endpoints.')
+param vnetEnabled bool = false
+
+@description('With vnetEnabled: public IP ranges (CIDR) still allowed.')
+param allowedIpRanges array = []
+
 @description('Tags for every resource.')
 param tags object = {}
+
+var firewall = {
+  defaultAction: 'Deny'
+  bypass: 'AzureServices'
+  ipRules: [for range in allowedIpRanges: {
+    value: range
+    action: 'Allow'
+  }]
+}
+var open = {
+  defaultAction: 'Allow'
+  bypass: 'AzureServices'
+}
 
 // Built-in role definition ids (https://learn.microsoft.com/azure/role-based-access-control/built-in-roles).
 var storageBlobDataOwner = 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b'
@@ -32,7 +58,7 @@ resource account 'Microsoft.Storage/storageAccounts@2023-05-01' = {
   tags: tags
   kind: 'StorageV2'
   sku: {
-    name: 'Standard_LRS'
+    name: sku
   }
   properties: {
     accessTier: 'Hot'
@@ -43,10 +69,7 @@ resource account 'Microsoft.Storage/storageAccounts@2023-05-01' = {
     minimumTlsVersion: 'TLS1_2'
     supportsHttpsTrafficOnly: true
     publicNetworkAccess: 'Enabled'
-    networkAcls: {
-      defaultAction: 'Allow'
-      bypass: 'AzureServices'
-    }
+    networkAcls: vnetEnabled ? firewall : open
   }
 }
 

@@ -1,8 +1,10 @@
 // Least-privilege data-plane roles on the data account, each scoped to one container (or queue):
 //   app identity: Blob Data Reader on `models` and `batch-in`, Blob Data Contributor on `batch-out`,
 //                 Queue Data Contributor on the blob trigger's poison queue only;
-//   deployer (GitHub OIDC principal, optional): Blob Data Contributor on `models` for `ptd publish`
-//                 and `ptd activate`.
+//   deployer (whoever deploys: the GitHub OIDC principal or the azd user; optional): Blob Data
+//                 Contributor on `models` for `ptd publish` and `ptd activate`, and on `batch-in` and
+//                 `batch-out` for the post-deploy smoke test (it uploads one small file and reads,
+//                 then deletes, the results).
 
 @description('Name of the data storage account.')
 param storageAccountName string
@@ -18,13 +20,14 @@ param appPrincipalId string
 @description('Object id of the deployment principal (GitHub OIDC service principal); empty to skip.')
 param deployerPrincipalId string = ''
 
-@description('Principal type of the deployer.')
+@description('Principal type of the deployer; empty lets Azure look it up.')
 @allowed([
+  ''
   'ServicePrincipal'
   'User'
   'Group'
 ])
-param deployerPrincipalType string = 'ServicePrincipal'
+param deployerPrincipalType string = ''
 
 var storageBlobDataReader = '2a2b9908-6ea1-4ae2-8e65-a410df84e7d1'
 var storageBlobDataContributor = 'ba92f5b4-2d11-453d-a403-e96b0029c9fe'
@@ -104,12 +107,34 @@ resource appPoisonQueueContributor 'Microsoft.Authorization/roleAssignments@2022
   }
 }
 
+// principalType is optional in a role assignment; left out (null), Azure resolves it, so the same
+// template serves a service principal (GitHub) and a user (azd up).
 resource deployerModelsContributor 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(deployerPrincipalId)) {
   name: guid(models.id, deployerPrincipalId, storageBlobDataContributor)
   scope: models
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageBlobDataContributor)
     principalId: deployerPrincipalId
-    principalType: deployerPrincipalType
+    principalType: empty(deployerPrincipalType) ? null : deployerPrincipalType
+  }
+}
+
+resource deployerBatchInContributor 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(deployerPrincipalId)) {
+  name: guid(batchIn.id, deployerPrincipalId, storageBlobDataContributor)
+  scope: batchIn
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageBlobDataContributor)
+    principalId: deployerPrincipalId
+    principalType: empty(deployerPrincipalType) ? null : deployerPrincipalType
+  }
+}
+
+resource deployerBatchOutContributor 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(deployerPrincipalId)) {
+  name: guid(batchOut.id, deployerPrincipalId, storageBlobDataContributor)
+  scope: batchOut
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageBlobDataContributor)
+    principalId: deployerPrincipalId
+    principalType: empty(deployerPrincipalType) ? null : deployerPrincipalType
   }
 }
