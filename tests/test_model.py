@@ -77,7 +77,7 @@ def test_boosted_trees_send_missing_and_odd_codes_where_lightgbm_does(
     for k, value in enumerate(odd):
         values[k * 50 : (k + 1) * 50, codes] = value
     values[400:500] = np.where(
-        np.random.default_rng(3).random((100, 30)) < 0.5, 0.0, values[400:500]
+        np.random.default_rng(3).random((100, len(FEATURE_NAMES))) < 0.5, 0.0, values[400:500]
     )
     booster = lightgbm.Booster(model_file=str(tiny_artifacts.directory / "lightgbm.txt"))
     margin = tiny_artifacts.score(values, "lightgbm").margin

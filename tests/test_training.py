@@ -141,16 +141,33 @@ def test_feature_selection_ranks_candidates_and_drops_duplicates(synthetic_dir: 
     cross-validates each size on the three views."""
     from detector.training.selection import markdown, select_features
 
-    report = select_features(synthetic_dir, cv_folds=3, n_jobs=1, sizes=(5, 10), chosen_size=5)
+    report = select_features(synthetic_dir, cv_folds=3, n_jobs=1, sizes=(5, 10))
     ranked = [entry["feature"] for entry in report["ranking"]]
     assert len(ranked) == report["usable_candidates"] == len(set(ranked)) > 30
     duplicates = {e["feature"]: e["duplicate_of"] for e in report["ranking"] if e["duplicate_of"]}
     assert duplicates and not set(duplicates) & set(report["chosen"])
     for name, twin in duplicates.items():
         assert ranked.index(twin) < ranked.index(name)
-    assert len(report["chosen"]) == 5
+    size = report["chosen_size"]
+    assert size in (5, 10) and report["chosen"] == [n for n in ranked if n not in duplicates][:size]
     assert set(report["cross_validation_by_size"]["10"]) == VIEWS
-    assert "| 5 (served) |" in markdown(report)
+    assert f"| {size} (served) |" in markdown(report)
+
+
+def test_the_served_size_is_the_smallest_as_good_as_the_best() -> None:
+    from detector.training.selection import choose_size
+
+    def views(cut12: float, cut24: float) -> dict[str, Any]:
+        return {
+            "full": {"roc_auc": 0.9},
+            "cut_12m": {"roc_auc": cut12},
+            "cut_24m": {"roc_auc": cut24},
+        }
+
+    by_size = {"20": views(0.80, 0.78), "30": views(0.8455, 0.8175), "40": views(0.846, 0.818)}
+    assert choose_size(by_size) == 30  # within 0.001 of 40's mean
+    by_size["30"] = views(0.844, 0.816)
+    assert choose_size(by_size) == 40
 
 
 def test_served_features_are_the_committed_selection() -> None:

@@ -32,6 +32,9 @@ from typing import Any
 import numpy as np
 
 NAN_LEFT, NAN_RIGHT, NAN_AS_ZERO, ZERO_LEFT, ZERO_RIGHT = range(5)
+# What a missing value (or, for the ZERO rules, a zero) becomes so that `x > threshold` sends it
+# to the node's default side: +inf goes right, NaN goes left, 0.0 is compared as 0.
+_REPLACEMENT = {NAN_RIGHT: np.inf, NAN_AS_ZERO: 0.0, ZERO_LEFT: np.nan, ZERO_RIGHT: np.inf}
 ZERO_THRESHOLD = 1e-35  # LightGBM's kZeroThreshold: |x| <= it counts as zero
 MAX_CATEGORY = 1 << 20  # largest category code a set may hold (bounds the lookup tables)
 MAX_NODES = 1 << 24
@@ -161,6 +164,13 @@ class CompiledTrees:
         self.column_rule = unique_keys[used, 1]
         self.n_columns = max(1, int(used.sum()))
         self._set_tables(categories, offsets)
+        self._numeric = np.flatnonzero(self.column_rule < 5)
+        self._numeric_feature = self.column_feature[self._numeric]
+        self._rules = [
+            (rule, np.flatnonzero(self.column_rule == rule))
+            for rule in (NAN_RIGHT, NAN_AS_ZERO, ZERO_LEFT, ZERO_RIGHT)
+            if (self.column_rule == rule).any()
+        ]
 
         is_internal = internal[order]
         child = np.where(
@@ -216,17 +226,16 @@ class CompiledTrees:
         if self.aggregate == "mean":
             # scikit-learn compares float32 features with float64 thresholds; do the same.
             x = x.astype(np.float32).astype(np.float64)
-        values = x[:, self.column_feature]
         out = np.empty((len(x), self.n_columns))
-        rule = self.column_rule
-        nan = np.isnan(values)
-        zero = nan | (np.abs(values) <= ZERO_THRESHOLD)
-        out[:] = values
-        # NaN > t is False: NaN already goes left; these rules send it elsewhere.
-        out[:, rule == NAN_RIGHT] = np.where(nan, np.inf, values)[:, rule == NAN_RIGHT]
-        out[:, rule == NAN_AS_ZERO] = np.where(nan, 0.0, values)[:, rule == NAN_AS_ZERO]
-        out[:, rule == ZERO_LEFT] = np.where(zero, np.nan, values)[:, rule == ZERO_LEFT]
-        out[:, rule == ZERO_RIGHT] = np.where(zero, np.inf, values)[:, rule == ZERO_RIGHT]
+        out[:, self._numeric] = x[:, self._numeric_feature]
+        # NaN > t is False: NaN already goes left; these columns send it (or 0) elsewhere.
+        for rule, columns in self._rules:
+            part = out[:, columns]
+            missing = np.isnan(part)
+            if rule in (ZERO_LEFT, ZERO_RIGHT):
+                missing |= np.abs(part) <= ZERO_THRESHOLD
+            part[missing] = _REPLACEMENT[rule]
+            out[:, columns] = part
         for feature, columns, table in self.tables:
             code = np.trunc(x[:, feature])  # LightGBM casts to int: 101.7 is code 101
             known = (code >= 0) & (code < len(table) - 1)  # NaN is neither
