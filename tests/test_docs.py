@@ -446,7 +446,7 @@ def test_documented_model_version_is_the_bundled_one() -> None:
 def _code_strings() -> list[str]:
     """Every string literal in the code, f-string fields replaced by NUL (never in a doc)."""
     texts = []
-    for path in [*sorted((REPO / "detector").glob("*.py")), REPO / "function_app.py"]:
+    for path in [*sorted((REPO / "detector").rglob("*.py")), REPO / "function_app.py"]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Constant) and isinstance(node.value, str):
                 texts.append(node.value)
