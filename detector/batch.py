@@ -8,7 +8,6 @@ every client in the input is in `results` or, with the reason, in `rejects`.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from detector.schema import (
     prepare_clients,
     prepare_invoices,
 )
+from detector.tables import TableSource, iter_chunks, open_table, read_table, spreadsheet_safe
 
 RESULT_COLUMNS = (
     "client_id",
@@ -54,6 +54,27 @@ def is_features_table(columns: pd.Index) -> bool:
     return "client_id" in columns and all(name in columns for name in FEATURE_NAMES)
 
 
+def _ids(series: pd.Series) -> np.ndarray:
+    """Client ids as the schema reads them (stripped text; missing as "")."""
+    return series.astype("string").str.strip().fillna("").to_numpy(dtype=object)
+
+
+def _absent_clients(source: str, clients: pd.DataFrame, absent: list[str]) -> pd.DataFrame:
+    """One reject row per client of the clients table that has no invoice row at all."""
+    ids = _ids(clients["client_id"])
+    wanted = set(absent)
+    first = ~pd.Series(ids).duplicated().to_numpy()
+    rows = np.flatnonzero(first & np.isin(ids, list(wanted)))
+    return pd.DataFrame(
+        {
+            "source": source,
+            "row": row_labels(clients)[rows],
+            "client_id": ids[rows],
+            "reason": "no invoice rows for this client: nothing to score",
+        }
+    )
+
+
 def row_labels(table: pd.DataFrame) -> np.ndarray:
     """The row number to report for each row: the table's integer index labels (a slice of a
     larger input keeps its rows' original positions there), else the position in the table."""
@@ -70,20 +91,22 @@ def _reject_frame(source: str, rejects: Rejects, labels: np.ndarray | None = Non
     return frame
 
 
-def check_columns(columns: pd.Index | list[str]) -> None:
-    """Raise InputError unless the columns make a features table or invoice rows."""
+def check_columns(columns: pd.Index | list[str], header: str = "") -> None:
+    """Raise InputError unless the columns make a features table or invoice rows; `header`
+    (how the file's header was read) is added to the message so a user sees what went wrong."""
     columns = pd.Index(columns)
     if is_features_table(columns):
         return
+    where = f" ({header})" if header else ""
     missing = [c for c in ("client_id", "invoice_date") if c not in columns]
     if missing:
         raise InputError(
             "input is neither invoice rows nor a features table: missing column(s) "
-            f"{', '.join(missing)}"
+            f"{', '.join(missing)}{where}"
         )
     missing = [c for c in REQUIRED_INVOICE_COLUMNS if c not in columns]
     if missing:
-        raise InputError(f"invoice data is missing required column(s): {', '.join(missing)}")
+        raise InputError(f"invoice data is missing required column(s): {', '.join(missing)}{where}")
 
 
 def _features_from_table(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -160,6 +183,7 @@ def score_frames(
     if is_features_table(table.columns):
         features, rejects = _features_from_table(table)
         input_kind, input_rows = "features", len(table)
+        ids_in = set(_ids(table["client_id"]))
     else:
         check_columns(table.columns)
         invoices = prepare_invoices(table)
@@ -171,27 +195,34 @@ def score_frames(
             client_source = "clients"
         prepared_clients = prepare_clients(clients)
         features = compute_features(invoices.frame, prepared_clients)
-        rejects = pd.concat(
-            [
-                _reject_frame("invoices", invoices.rejects, row_labels(table)),
-                _reject_frame(
-                    client_source,
-                    prepared_clients.rejects,
-                    row_labels(clients) if clients is not None else None,
-                ),
-            ],
-            ignore_index=True,
-        )
+        invoice_ids = {*invoices.frame["client_id"].unique(), *invoices.rejects.client_ids}
+        client_ids = set(prepared_clients.frame.index)
+        frames = [
+            _reject_frame("invoices", invoices.rejects, row_labels(table)),
+            _reject_frame(
+                client_source,
+                prepared_clients.rejects,
+                row_labels(clients) if clients is not None else None,
+            ),
+        ]
+        # A client of the clients table without any invoice row: nothing to score, said so.
+        absent = sorted(str(c) for c in client_ids - invoice_ids if c)
+        if absent and clients is not None:
+            frames.append(_absent_clients(client_source, clients, absent))
+        rejects = pd.concat(frames, ignore_index=True)
         input_kind, input_rows = "invoices", len(table)
+        ids_in = {str(c) for c in invoice_ids | client_ids}
     features_done = time.perf_counter()
     scores = artifacts.score(features.to_numpy(dtype=np.float64), name, with_reasons)
     results = results_frame(features.index, scores, artifacts.typical)
     finished = time.perf_counter()
-    scored_ids = set(features.index)
-    unscored = {str(c) for c in rejects["client_id"] if c and c not in scored_ids}
+    ids_in.discard("")  # a row without a client id belongs to no client (its reject says so)
+    scored_ids = {str(c) for c in features.index}
+    unscored = ids_in - scored_ids
     summary = {
         "input_kind": input_kind,
         "input_rows": int(input_rows),
+        "clients_in": len(ids_in),
         "clients_scored": len(results),
         "clients_flagged": int(results["flagged"].sum()),
         "flagged_rate": round(float(results["flagged"].mean()), 5) if len(results) else 0.0,
@@ -224,7 +255,6 @@ PARTITION_ROWS = 400_000  # target rows per partition (the unit scored in memory
 CSV_BYTES_PER_ROW = 100  # to size partitions of a CSV before reading it
 MAX_PARTITIONS = 512
 ROW_COLUMN = "__ptd_row__"
-PARQUET_MAGIC = b"PAR1"
 
 
 @dataclass
@@ -234,88 +264,6 @@ class FileResult:
     summary: dict[str, Any]
     results_path: Path
     rejects_path: Path | None
-
-
-def file_format(path: Path) -> str:
-    """ "parquet" or "csv": by the name's suffix, else by content (Parquet's magic bytes)."""
-    suffix = path.suffix.lower()
-    with path.open("rb") as handle:
-        head = handle.read(4)
-    if suffix in (".parquet", ".pq") or head == PARQUET_MAGIC:
-        return "parquet"
-    if suffix in (".csv", ".txt", ""):
-        return "csv"
-    # Unknown suffix (".export", ".dat"...): text is read as CSV, anything else is refused.
-    with path.open("rb") as handle:
-        sample = handle.read(4096)
-    if b"\0" in sample:
-        raise InputError(f"{path.name}: neither CSV nor Parquet (binary content)")
-    return "csv"
-
-
-def _unreadable(path: Path, fmt: str, exc: BaseException) -> InputError:
-    text = str(exc).strip()
-    first = text.splitlines()[0][:300] if text else type(exc).__name__
-    return InputError(f"{path.name}: cannot read as {fmt}: {first}")
-
-
-def _read_errors() -> tuple[type[BaseException], ...]:
-    """What pandas and pyarrow raise for a file that is not the table it claims to be."""
-    import pyarrow as pa
-
-    return (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError, pa.ArrowException)
-
-
-def _columns(path: Path, fmt: str) -> list[str]:
-    import pyarrow.parquet as pq
-
-    try:
-        if fmt == "parquet":
-            return list(pq.read_schema(path).names)
-        return [str(c) for c in pd.read_csv(path, nrows=0).columns]
-    except pd.errors.EmptyDataError:
-        raise InputError(f"{path.name}: the file is empty") from None
-    except _read_errors() as exc:
-        raise _unreadable(path, fmt, exc) from None
-
-
-def _chunks(path: Path, fmt: str, columns: list[str]) -> Iterator[Any]:
-    """The file as Arrow tables of at most CHUNK_ROWS rows, only the columns the scorer reads."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    wanted = [c for c in columns if c in READ_COLUMNS]
-    try:
-        if fmt == "parquet":
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=CHUNK_ROWS, columns=wanted):
-                yield pa.Table.from_batches([batch])
-            return
-        reader = pd.read_csv(
-            path,
-            usecols=wanted,
-            dtype={"client_id": "string", "counter_statue": "string"},
-            chunksize=CHUNK_ROWS,
-            low_memory=False,
-        )
-        with reader:
-            for chunk in reader:
-                yield _arrow(chunk)
-    except _read_errors() as exc:
-        raise _unreadable(path, fmt, exc) from None
-
-
-def _arrow(frame: pd.DataFrame) -> Any:
-    """A pandas chunk as an Arrow table; mixed-type text columns become strings."""
-    import pyarrow as pa
-
-    try:
-        return pa.Table.from_pandas(frame, preserve_index=False)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        fixed = frame.copy()
-        for name in fixed.columns:
-            if fixed[name].dtype == object:
-                fixed[name] = fixed[name].astype("string")
-        return pa.Table.from_pandas(fixed, preserve_index=False)
 
 
 def partition_of(client_ids: Any, n_partitions: int) -> np.ndarray:
@@ -344,43 +292,98 @@ def partition_of(client_ids: Any, n_partitions: int) -> np.ndarray:
     return result
 
 
-def _n_partitions(path: Path, fmt: str) -> int:
-    if fmt == "parquet":
+def _n_partitions(source: TableSource) -> int:
+    if source.format == "parquet":
         import pyarrow.parquet as pq
 
-        rows = pq.ParquetFile(path).metadata.num_rows
+        rows = pq.ParquetFile(source.path).metadata.num_rows
     else:
-        rows = path.stat().st_size // CSV_BYTES_PER_ROW
+        rows = source.path.stat().st_size // CSV_BYTES_PER_ROW
     return int(min(MAX_PARTITIONS, max(1, -(-rows // PARTITION_ROWS))))
 
 
+@dataclass
+class Partitions:
+    """What `_write_partitions` read: rows, pieces per partition, rows over the per-client cap."""
+
+    rows: int
+    pieces: list[list[Path]]
+    overflow: Path | None  # reject rows (CSV, no header) of the rows over the cap
+    overflow_rows: int
+
+
+def _arrow_ids(column: Any) -> np.ndarray:
+    """Client ids of an Arrow column as the schema reads them (stripped text; missing: "")."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    text = pc.utf8_trim_whitespace(pc.cast(column, pa.large_string()))
+    ids: np.ndarray = pc.fill_null(text, "").to_numpy(zero_copy_only=False)
+    return ids
+
+
+def _over_cap(ids: np.ndarray, counts: dict[str, int], cap: int) -> np.ndarray:
+    """Which rows take their client past `cap` rows, counting rows of earlier chunks (`counts`,
+    updated in place). Rows without a client id are not counted: they are rejected anyway."""
+    codes, uniques = pd.factorize(ids)
+    seen = np.array([counts.get(u, 0) for u in uniques], dtype=np.int64)
+    within = pd.Series(codes).groupby(codes).cumcount().to_numpy()
+    over = (seen[codes] + within >= cap) & (ids != "")
+    for u, total in zip(uniques, seen + np.bincount(codes, minlength=len(uniques)), strict=True):
+        counts[u] = int(total)
+    result: np.ndarray = over
+    return result
+
+
 def _write_partitions(
-    path: Path, fmt: str, columns: list[str], workdir: Path, n_partitions: int
-) -> tuple[int, list[list[Path]]]:
-    """Split the file by client into Parquet pieces; returns (rows read, pieces per partition)."""
+    source: TableSource, workdir: Path, n_partitions: int, cap: int
+) -> Partitions:
+    """Split the file by client into Parquet pieces, each row with its row number; rows past
+    `cap` rows of one client go to an overflow file of rejects instead (streaming: memory is
+    one chunk and a count per client)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pieces: list[list[Path]] = [[] for _ in range(n_partitions)]
+    counts: dict[str, int] = {}
+    overflow_path = workdir / "overflow.csv"
+    overflow_rows = 0
     offset = 0
-    for k, chunk in enumerate(_chunks(path, fmt, columns)):
+    wanted = [c for c in source.columns if c in READ_COLUMNS]
+    reason = f"too many invoices for one client: over {cap:,}; the first {cap:,} rows are scored"
+    for k, chunk in enumerate(iter_chunks(source, wanted, CHUNK_ROWS)):
         n = chunk.num_rows
         if n == 0:
             continue
-        chunk = chunk.append_column(ROW_COLUMN, pa.array(np.arange(offset, offset + n)))
+        numbers = np.arange(offset, offset + n)
+        offset += n
+        if "invoice_date" in chunk.column_names:  # invoice rows (not a features table): cap
+            ids = _arrow_ids(chunk.column("client_id"))
+            over = _over_cap(ids, counts, cap)
+            if over.any():
+                pd.DataFrame(
+                    {
+                        "source": "invoices",
+                        "row": numbers[over],
+                        "client_id": ids[over],
+                        "reason": reason,
+                    }
+                ).to_csv(overflow_path, mode="a", header=False, index=False)
+                overflow_rows += int(over.sum())
+                chunk, numbers = chunk.filter(pa.array(~over)), numbers[~over]
+        chunk = chunk.append_column(ROW_COLUMN, pa.array(numbers))
         parts = partition_of(chunk.column("client_id"), n_partitions)
         order = np.argsort(parts, kind="stable")
-        counts = np.bincount(parts, minlength=n_partitions)
+        part_counts = np.bincount(parts, minlength=n_partitions)
         ordered = chunk.take(pa.array(order)) if n_partitions > 1 else chunk
         start = 0
-        for p, count in enumerate(counts):
+        for p, count in enumerate(part_counts):
             if count:
                 piece = workdir / f"p{p:04d}-{k:06d}.parquet"
                 pq.write_table(ordered.slice(start, int(count)), piece, compression="lz4")
                 pieces[p].append(piece)
             start += int(count)
-        offset += n
-    return offset, pieces
+    return Partitions(offset, pieces, overflow_path if overflow_rows else None, overflow_rows)
 
 
 def _read_partition(pieces: list[Path]) -> pd.DataFrame:
@@ -398,6 +401,18 @@ def _read_partition(pieces: list[Path]) -> pd.DataFrame:
     return frame
 
 
+DEFAULT_MAX_INVOICES_PER_CLIENT = 2_000  # as the API's PTD_MAX_INVOICES_PER_CUSTOMER
+
+
+def _write_csv(frame: pd.DataFrame, handle: Any, header: bool) -> None:
+    """A results or rejects frame as CSV, every text cell safe to open in a spreadsheet."""
+    safe = frame.copy(deep=False)
+    for column in safe.columns:
+        if safe[column].dtype == object or pd.api.types.is_string_dtype(safe[column]):
+            safe[column] = spreadsheet_safe(safe[column])
+    safe.to_csv(handle, header=header, index=False)
+
+
 def score_file(
     path: Path,
     artifacts: ArtifactSet,
@@ -407,36 +422,37 @@ def score_file(
     model: str | None = None,
     with_reasons: bool = True,
     workdir: Path | None = None,
+    max_invoices_per_client: int = DEFAULT_MAX_INVOICES_PER_CLIENT,
 ) -> FileResult:
     """Score a CSV or Parquet file of invoice rows (or a features table) in bounded memory.
 
     Writes one results row per scored client to `out` (CSV) and, if any row was rejected, each
     with its reason to `rejects_out` (default `<out stem>.rejects.csv`; removed when there is
-    none). Raises InputError when the file cannot be used at all.
+    none). Every client id of the inputs is in one of them: `clients_in` = `clients_scored` +
+    `clients_rejected` in the summary. A client's rows past `max_invoices_per_client` are
+    rejected (the first ones in the file are scored). Text cells are written spreadsheet-safe
+    (`tables.spreadsheet_safe`). Raises InputError when the file cannot be used at all.
     """
     import tempfile
-
-    from detector.tables import read_table
 
     started = time.perf_counter()
     path, out = Path(path), Path(out)
     rejects_out = Path(rejects_out) if rejects_out else out.with_name(out.stem + ".rejects.csv")
     name = artifacts.resolve(model)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise InputError(f"{path.name}: the file is empty")
-    fmt = file_format(path)
-    columns = _columns(path, fmt)
-    check_columns(columns)
+    source = open_table(path, READ_COLUMNS)
+    columns = source.columns
+    check_columns(columns, source.describe())
     features_table = is_features_table(pd.Index(columns))
-    n_partitions = _n_partitions(path, fmt)
+    n_partitions = _n_partitions(source)
     clients = None
     if clients_path is not None and not features_table:
         clients = read_table(Path(clients_path), CLIENT_COLUMNS)
+        if "client_id" not in clients.columns:
+            raise InputError(f"{Path(clients_path).name}: client data has no client_id column")
         client_parts = partition_of(clients["client_id"], n_partitions)
 
     totals: dict[str, Any] = {
+        "clients_in": 0,
         "clients_scored": 0,
         "clients_flagged": 0,
         "clients_rejected": 0,
@@ -446,34 +462,53 @@ def score_file(
     seconds = {"read_and_partition": 0.0, "features": 0.0, "scoring": 0.0, "write": 0.0}
     out.parent.mkdir(parents=True, exist_ok=True)
     rejects_handle = None
+
+    def rejects_file() -> Any:
+        nonlocal rejects_handle
+        if rejects_handle is None:
+            rejects_handle = rejects_out.open("w", newline="", encoding="utf-8")
+            pd.DataFrame(columns=list(REJECT_COLUMNS)).to_csv(rejects_handle, index=False)
+        return rejects_handle
+
     with (
         tempfile.TemporaryDirectory(prefix="ptd-score-", dir=workdir) as tmp,
         out.open("w", newline="", encoding="utf-8") as results_handle,
     ):
-        input_rows, pieces = _write_partitions(path, fmt, columns, Path(tmp), n_partitions)
-        if input_rows == 0:
+        parts = _write_partitions(source, Path(tmp), n_partitions, max_invoices_per_client)
+        if parts.rows == 0:
             raise InputError(f"{path.name}: the file has no data rows")
         seconds["read_and_partition"] = time.perf_counter() - started
         pd.DataFrame(columns=list(RESULT_COLUMNS)).to_csv(results_handle, index=False)
         try:
+            if parts.overflow is not None:
+                with parts.overflow.open(newline="", encoding="utf-8") as overflow:
+                    for chunk in pd.read_csv(
+                        overflow,
+                        names=list(REJECT_COLUMNS),
+                        dtype={"client_id": "string"},
+                        chunksize=CHUNK_ROWS,
+                        keep_default_na=False,
+                    ):
+                        _write_csv(chunk, rejects_file(), header=False)
+                totals["rows_rejected"] += parts.overflow_rows
+                by_reason["too many invoices for one client"] = parts.overflow_rows
             for p in range(n_partitions):
-                if not pieces[p] and (clients is None or not (client_parts == p).any()):
+                if not parts.pieces[p] and (clients is None or not (client_parts == p).any()):
                     continue
                 t0 = time.perf_counter()
-                table = _read_partition(pieces[p]) if pieces[p] else pd.DataFrame(columns=columns)
+                table = (
+                    _read_partition(parts.pieces[p])
+                    if parts.pieces[p]
+                    else pd.DataFrame(columns=columns)
+                )
                 part_clients = clients[client_parts == p] if clients is not None else None
                 seconds["read_and_partition"] += time.perf_counter() - t0
                 result = score_frames(table, artifacts, part_clients, name, with_reasons)
                 del table
                 t1 = time.perf_counter()
-                result.results.to_csv(results_handle, header=False, index=False)
+                _write_csv(result.results, results_handle, header=False)
                 if len(result.rejects):
-                    if rejects_handle is None:
-                        rejects_handle = rejects_out.open("w", newline="", encoding="utf-8")
-                        pd.DataFrame(columns=list(REJECT_COLUMNS)).to_csv(
-                            rejects_handle, index=False
-                        )
-                    result.rejects.to_csv(rejects_handle, header=False, index=False)
+                    _write_csv(result.rejects, rejects_file(), header=False)
                 summary = result.summary
                 for key in totals:
                     totals[key] += summary[key]
@@ -491,8 +526,8 @@ def score_file(
     seconds["total"] = time.perf_counter() - started
     summary = {
         "input_kind": "features" if features_table else "invoices",
-        "input_format": fmt,
-        "input_rows": int(input_rows),
+        "input_format": source.format,
+        "input_rows": int(parts.rows),
         **totals,
         "flagged_rate": round(totals["clients_flagged"] / scored, 5) if scored else 0.0,
         "rows_rejected_by_reason": dict(sorted(by_reason.items())),
@@ -501,6 +536,11 @@ def score_file(
         "partitions": n_partitions,
         "seconds": {key: round(value, 3) for key, value in seconds.items()},
     }
+    if source.format == "csv":
+        summary["csv_dialect"] = {
+            "separator": source.separator,
+            "encoding": "utf-8" if source.encoding == "utf-8-sig" else source.encoding,
+        }
     return FileResult(summary, out, rejects_out if rejects_handle is not None else None)
 
 

@@ -31,8 +31,10 @@ def _serve(args: argparse.Namespace) -> int:
 def _score(args: argparse.Namespace) -> int:
     """The same streaming path as the blob trigger: any file size in bounded memory."""
     from detector.batch import score_file
+    from detector.config import Settings
     from detector.model import ArtifactSet
 
+    settings = Settings.from_env()
     artifacts = ArtifactSet(Path(args.model_dir))
     result = score_file(
         Path(args.invoices),
@@ -40,6 +42,7 @@ def _score(args: argparse.Namespace) -> int:
         Path(args.out),
         clients_path=Path(args.clients) if args.clients else None,
         model=args.model,
+        max_invoices_per_client=settings.max_invoices_per_customer,
     )
     summary = result.summary
     print(

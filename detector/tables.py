@@ -1,51 +1,305 @@
-"""Reading CSV and Parquet tables in the STEG schema, with one-line errors for unusable files."""
+"""Reading the tables utilities export: CSV in its many dialects, and Parquet.
+
+Exports come from billing systems and from Excel: `;`, tab or `|` instead of commas (Excel
+writes `;` where the decimal separator is a comma, and then writes decimal commas), a UTF-8
+byte-order mark, CRLF line ends, Windows-1252 text, header names with spaces or capitals (the
+STEG data dictionary writes `Client_id`, `Invoice_date`). `open_table` looks at the header once
+and says how to read the file: its format, separator, encoding and which raw column is which
+schema column; `read_table` and `batch.score_file` then read with that. A file that cannot be
+used raises `InputError` with one line that says what and where (for a missing column: the header
+as read and the separator detected), never a traceback.
+
+Spreadsheets evaluate a cell that starts with `=`, `+`, `-`, `@`, a tab or a carriage return
+(CSV injection, OWASP): `spreadsheet_safe` neutralises such text before it is written to any CSV
+the product produces.
+"""
 
 from __future__ import annotations
 
+import csv
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from detector.schema import InputError
 
-TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
+if TYPE_CHECKING:
+    import pandas as pd
+
+PARQUET_MAGIC = b"PAR1"
+GZIP_MAGIC = b"\x1f\x8b"
+CSV_SUFFIXES = (".csv", ".txt", ".tsv", "")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+SEPARATORS = (",", ";", "\t", "|")
+SEPARATOR_NAMES = {",": "','", ";": "';'", "\t": "tab", "|": "'|'"}
+HEADER_BYTES = 1 << 16  # the header must fit in the first 64 KiB
+ENCODING_SAMPLE = 1 << 20  # bytes checked to tell UTF-8 from Windows-1252
+# A cell a spreadsheet would evaluate as a formula (OWASP "CSV Injection").
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
-def table_format(path: Path) -> str:
+def canonical(name: object) -> str:
+    """A header name as the schema spells it: `" Invoice Date "` -> `invoice_date`."""
+    return re.sub(r"[\s\-]+", "_", str(name).strip().lower())
+
+
+@dataclass(frozen=True)
+class TableSource:
+    """How to read one file: format, CSV dialect, and the raw name of each schema column."""
+
+    path: Path
+    format: str  # "csv" or "parquet"
+    raw_columns: tuple[str, ...]
+    separator: str = ","
+    encoding: str = "utf-8-sig"
+    renames: dict[str, str] = field(default_factory=dict)  # raw name -> schema name
+
+    @property
+    def columns(self) -> list[str]:
+        """The file's columns under their schema names (unrecognised ones as they are)."""
+        return [self.renames.get(c, c) for c in self.raw_columns]
+
+    def describe(self) -> str:
+        """The header as read, for error messages."""
+        header = (self.separator if self.format == "csv" else ", ").join(self.raw_columns)
+        if len(header) > 300:
+            header = header[:300] + "..."
+        if self.format == "csv":
+            return f"header read as {header!r} with separator {SEPARATOR_NAMES[self.separator]}"
+        return f"Parquet columns {header!r}"
+
+    def raw_names(self, wanted: Iterable[str]) -> list[str]:
+        """The raw names of the wanted schema columns that the file has."""
+        back = {self.renames.get(c, c): c for c in self.raw_columns}
+        return [back[name] for name in wanted if name in back]
+
+    def rename(self, frame: pd.DataFrame) -> pd.DataFrame:
+        present = {k: v for k, v in self.renames.items() if k in frame.columns and k != v}
+        return frame.rename(columns=present) if present else frame
+
+
+def file_format(path: Path) -> str:
+    """ "parquet" or "csv": by the name's suffix, else by content (Parquet's magic bytes)."""
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return "csv"
-    if suffix in (".parquet", ".pq"):
+    with path.open("rb") as handle:
+        sample = handle.read(4096)
+    if sample[:2] == GZIP_MAGIC:
+        raise InputError(
+            f"{path.name}: gzip-compressed; decompress it first (or let `ptd score` do it)"
+        )
+    if suffix in PARQUET_SUFFIXES or sample[:4] == PARQUET_MAGIC:
         return "parquet"
-    raise InputError(f"{path}: unsupported file type {suffix or '(none)'}; use .csv or .parquet")
+    if suffix in CSV_SUFFIXES:
+        return "csv"
+    # Unknown suffix (".export", ".dat"...): text is read as CSV, anything else is refused.
+    if b"\0" in sample:
+        raise InputError(f"{path.name}: neither CSV nor Parquet (binary content)")
+    return "csv"
+
+
+def _encoding(path: Path) -> str:
+    """UTF-8 (a byte-order mark is skipped) unless the text is not UTF-8: then Windows-1252,
+    what Excel writes on a Western-European Windows."""
+    with path.open("rb") as handle:
+        sample = handle.read(ENCODING_SAMPLE)
+    try:
+        sample.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # A sample cut inside a multi-byte character is still UTF-8.
+        if exc.start < len(sample) - 3:
+            return "cp1252"
+    return "utf-8-sig"
+
+
+def _header_line(path: Path, encoding: str) -> str:
+    with path.open("rb") as handle:
+        raw = handle.read(HEADER_BYTES)
+    text = raw.decode(encoding, errors="replace")
+    end = min((i for i in (text.find("\n"), text.find("\r")) if i >= 0), default=-1)
+    if end < 0 and len(raw) == HEADER_BYTES:
+        raise InputError(f"{path.name}: no line break in the first 64 KiB; not a CSV header")
+    return text if end < 0 else text[:end]
+
+
+def _separator(header: str) -> str:
+    """The candidate that splits the header into the most fields (outside quotes)."""
+    best, fields = ",", 1
+    for candidate in SEPARATORS:
+        count = len(next(csv.reader([header], delimiter=candidate)))
+        if count > fields:
+            best, fields = candidate, count
+    return best
+
+
+def _renames(path: Path, raw: list[str], known: Iterable[str]) -> dict[str, str]:
+    """Map raw names to schema names; two raw columns for one name is an error."""
+    known_set = set(known)
+    seen: dict[str, str] = {}
+    renames = {}
+    for name in raw:
+        target = canonical(name)
+        if target not in known_set:
+            continue
+        if target in seen:
+            raise InputError(
+                f"{path.name}: columns {seen[target]!r} and {name!r} are both {target!r}"
+            )
+        seen[target] = name
+        renames[name] = target
+    return renames
+
+
+def _check_parquet_types(path: Path, schema: Any, renames: dict[str, str]) -> None:
+    """Columns the scorer reads must hold scalars; client_id text or whole numbers."""
+    import pyarrow as pa
+
+    for raw, name in renames.items():
+        kind = schema.field(raw).type
+        if pa.types.is_dictionary(kind):
+            kind = kind.value_type
+        nested = pa.types.is_nested(kind) or pa.types.is_union(kind)
+        binary = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+        binary = binary or pa.types.is_fixed_size_binary(kind)
+        if nested or (name == "client_id" and (binary or pa.types.is_floating(kind))):
+            expected = "text or whole numbers" if name == "client_id" else "one value per row"
+            raise InputError(
+                f"{path.name}: column {raw!r} holds {kind} values; {name} must be {expected}"
+            )
+
+
+def open_table(path: Path, known: Iterable[str]) -> TableSource:
+    """Look at a file's header: format, dialect, which column is which of the `known` names.
+
+    Raises InputError for a missing, empty, unreadable or ambiguous file (two columns that
+    both mean one schema name, nested Parquet columns, a binary client_id).
+    """
+    path = Path(path)
+    known = tuple(known)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path.name}: the file is empty")
+    fmt = file_format(path)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            schema = pq.read_schema(path)
+        except read_errors() as exc:
+            raise unreadable(path, fmt, exc) from None
+        raw = list(schema.names)
+        duplicated = sorted({name for name in raw if raw.count(name) > 1})
+        if duplicated:
+            raise InputError(f"{path.name}: column name(s) used twice: {', '.join(duplicated)}")
+        renames = _renames(path, raw, known)
+        _check_parquet_types(path, schema, renames)
+        return TableSource(path, fmt, tuple(raw), renames=renames)
+    encoding = _encoding(path)
+    header = _header_line(path, encoding).lstrip("\ufeff")
+    if not header.strip():
+        raise InputError(f"{path.name}: the first line is empty; expected a header row")
+    separator = _separator(header)
+    raw = next(csv.reader([header], delimiter=separator))
+    duplicated = sorted({name for name in raw if raw.count(name) > 1})
+    if duplicated:
+        raise InputError(f"{path.name}: column name(s) used twice: {', '.join(duplicated)}")
+    renames = _renames(path, raw, known)
+    return TableSource(path, fmt, tuple(raw), separator, encoding, renames)
+
+
+def unreadable(path: Path, fmt: str, exc: BaseException) -> InputError:
+    text = str(exc).strip()
+    first = text.splitlines()[0][:300] if text else type(exc).__name__
+    return InputError(f"{path.name}: cannot read as {fmt}: {first}")
+
+
+def read_errors() -> tuple[type[BaseException], ...]:
+    """What pandas and pyarrow raise for a file that is not the table it claims to be."""
+    import pandas as pd
+    import pyarrow as pa
+
+    return (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError, pa.ArrowException)
+
+
+def csv_options(source: TableSource) -> dict[str, Any]:
+    """pandas.read_csv arguments for the file's dialect. Text columns stay text; with `;` a
+    decimal comma is read as Excel writes it where the comma is the decimal separator."""
+    options: dict[str, Any] = {
+        "sep": source.separator,
+        "encoding": source.encoding,
+        "dtype": {raw: "string" for raw in source.raw_names(("client_id", "counter_statue"))},
+        "low_memory": False,
+    }
+    if source.separator == ";":
+        options["decimal"] = ","
+    return options
+
+
+def arrow_table(frame: pd.DataFrame) -> Any:
+    """A pandas chunk as an Arrow table; mixed-type text columns become strings."""
+    import pyarrow as pa
+
+    try:
+        return pa.Table.from_pandas(frame, preserve_index=False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        fixed = frame.copy()
+        for name in fixed.columns:
+            if fixed[name].dtype == object:
+                fixed[name] = fixed[name].astype("string")
+        return pa.Table.from_pandas(fixed, preserve_index=False)
+
+
+def iter_chunks(source: TableSource, wanted: Iterable[str], rows: int) -> Iterator[Any]:
+    """The file as Arrow tables of at most `rows` rows: only the wanted schema columns that it
+    has, under their schema names. Raises InputError when the content cannot be parsed."""
+    import pandas as pd
+    import pyarrow as pa
+
+    raw = source.raw_names(wanted)
+    try:
+        if source.format == "parquet":
+            import pyarrow.parquet as pq
+
+            names = [source.renames.get(c, c) for c in raw]
+            for batch in pq.ParquetFile(source.path).iter_batches(batch_size=rows, columns=raw):
+                yield pa.Table.from_batches([batch]).rename_columns(names)
+            return
+        reader = pd.read_csv(source.path, usecols=raw, chunksize=rows, **csv_options(source))
+        with reader:
+            for chunk in reader:
+                yield arrow_table(source.rename(chunk))
+    except pd.errors.EmptyDataError:
+        raise InputError(f"{source.path.name}: the file has no data rows") from None
+    except read_errors() as exc:
+        raise unreadable(source.path, source.format, exc) from None
 
 
 def read_table(path: Path, columns: tuple[str, ...] | None = None) -> pd.DataFrame:
-    """Read a whole table; `columns` limits what is kept (those absent are simply not read)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    fmt = table_format(path)
-    try:
-        if fmt == "parquet":
-            import pyarrow.parquet as pq
+    """Read a whole (small) table: the schema `columns` it has, under their schema names (all
+    columns when None). Raises InputError when the file cannot be used."""
+    import pandas as pd
+    import pyarrow as pa
 
-            names = pq.read_schema(path).names
-            wanted = [c for c in columns if c in names] if columns else None
-            return pd.read_parquet(path, columns=wanted)
-        wanted_set = set(columns) if columns else None
-        return pd.read_csv(
-            path,
-            usecols=(lambda c: c in wanted_set) if wanted_set else None,
-            dtype={"client_id": "string", "counter_statue": "string"},
-            low_memory=False,
-        )
-    except pd.errors.EmptyDataError:
-        raise InputError(f"{path}: the file is empty") from None
-    except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: cannot read as {fmt}: {first_line}") from None
-    except Exception as exc:  # pyarrow raises its own types for corrupt files
-        if type(exc).__module__.startswith("pyarrow"):
-            raise InputError(f"{path}: cannot read as {fmt}: {exc}") from None
-        raise
+    source = open_table(Path(path), columns or ())
+    wanted = columns if columns is not None else source.raw_columns
+    chunks = list(iter_chunks(source, wanted, 1 << 20))
+    if not chunks:
+        return pd.DataFrame(columns=[source.renames.get(c, c) for c in source.raw_names(wanted)])
+    try:
+        frame: pd.DataFrame = pa.concat_tables(chunks).to_pandas()
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # CSV chunks typed a column differently
+        frame = pd.concat([t.to_pandas() for t in chunks], ignore_index=True)
+    return frame
+
+
+def spreadsheet_safe(values: pd.Series) -> pd.Series:
+    """Text a spreadsheet will not evaluate: a cell starting with `=`, `+`, `-`, `@`, a tab, a
+    carriage return or an apostrophe gets one more apostrophe in front (OWASP, "CSV Injection").
+    The original is the cell without its first apostrophe, whenever the cell starts with one."""
+    text = values.astype("string")
+    risky = text.str.startswith((*FORMULA_START, "'")).fillna(False).astype(bool)
+    if not risky.any():
+        return values
+    return text.mask(risky, "'" + text)

