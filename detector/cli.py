@@ -71,9 +71,26 @@ def _model_store(args: argparse.Namespace) -> ModelStore:
 
 
 def _publish(args: argparse.Namespace) -> int:
+    from detector.model import ModelError
+
     store = _model_store(args)
-    version = store.publish(Path(args.artifacts), version=args.version, activate=args.activate)
-    state = "published and activated" if args.activate else "published (not active)"
+    try:
+        before = store.current()
+    except ModelError:  # no container yet: publish creates it
+        before = None
+    version = store.publish(
+        Path(args.artifacts),
+        version=args.version,
+        activate=args.activate,
+        activate_if_none=args.activate_if_none,
+    )
+    after = store.current()
+    if after and after["version"] == version and (not before or before != after):
+        state = "published and activated"
+    elif after:
+        state = f"published (not active; {after['version']} stays active)"
+    else:
+        state = "published (not active)"
     print(f"model version {version} {state} in {store.where}", file=sys.stderr)
     print(version)
     return 0
@@ -83,8 +100,9 @@ def _activate(args: argparse.Namespace) -> int:
     store = _model_store(args)
     pointer = store.activate(args.version)
     print(
-        f"model version {pointer['version']} is now active (previous: "
-        f"{pointer['previous'] or 'none'}); running instances pick it up when they restart",
+        f"model version {pointer['version']} is now active (manifest SHA-256 "
+        f"{pointer['manifest_sha256'][:12]}..., previous: {pointer['previous'] or 'none'}); "
+        "running instances pick it up when they restart",
         file=sys.stderr,
     )
     print(pointer["version"])
@@ -95,16 +113,52 @@ def _versions(args: argparse.Namespace) -> int:
     import json
 
     store = _model_store(args)
-    versions = store.versions()
-    pointer = store.current() if versions else None
+    described = store.describe()
+    entries = described["versions"]
+    pointer = described["pointer"]
     current = pointer["version"] if pointer else None
     if args.json:
-        print(json.dumps({"versions": versions, "current": current, "pointer": pointer}))
+        print(
+            json.dumps(
+                {
+                    "versions": [e["version"] for e in entries],
+                    "current": current,
+                    "pointer": pointer,
+                    "details": entries,
+                    "invalid_names": described["invalid_names"],
+                }
+            )
+        )
         return 0
-    if not versions:
+    if not entries:
         print(f"no model version published in {store.where}", file=sys.stderr)
-    for version in versions:
-        print(f"* {version}  (current)" if version == current else f"  {version}")
+    for entry in entries:
+        mark = "*" if entry["current"] else " "
+        note = {"ok": "as published", "changed": "CHANGED since published or activated"}.get(
+            entry["state"], "published before hashes were recorded"
+        )
+        print(f"{mark} {entry['version']}  sha256 {entry['manifest_sha256'][:12]}  {note}")
+    if described["invalid_names"]:
+        print(
+            f"not versions (invalid names, never served): {len(described['invalid_names'])}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from detector.model import ArtifactSet
+
+    store = _model_store(args)
+    pointer = store.current()
+    version = args.version or (pointer["version"] if pointer else "")
+    if not version:
+        raise CommandError(f"no model is active in {store.where}; name a version")
+    pinned = pointer.get("manifest_sha256") if pointer and pointer["version"] == version else None
+    directory = store.download(version, Path(args.out), pinned)
+    ArtifactSet(directory)  # validated as a cold start would
+    print(f"model version {version}: serving files verified in {directory}", file=sys.stderr)
+    print(directory)
     return 0
 
 
@@ -174,15 +228,29 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--artifacts", default=str(BUNDLED_MODEL_DIR), help="artifact folder")
     publish.add_argument("--version", default=None, help="version name (default: the manifest's)")
     publish.add_argument("--activate", action="store_true", help="make it the served version")
+    publish.add_argument(
+        "--activate-if-none",
+        action="store_true",
+        help="make it the served version only when no version is active",
+    )
     publish.set_defaults(handler=_publish)
 
     activate = sub.add_parser("activate", help="serve a published version (rollback: the previous)")
     activate.add_argument("version")
     activate.set_defaults(handler=_activate)
 
-    versions = sub.add_parser("versions", help="list published versions; * marks the current one")
+    versions = sub.add_parser(
+        "versions", help="list published versions and their manifest hashes; * marks the current"
+    )
     versions.add_argument("--json", action="store_true", help="print JSON")
     versions.set_defaults(handler=_versions)
+
+    fetch = sub.add_parser(
+        "fetch", help="download a published version's serving files and verify them"
+    )
+    fetch.add_argument("version", nargs="?", default="", help="the version (default: the active)")
+    fetch.add_argument("--out", required=True, help="cache folder (the set lands in OUT/VERSION)")
+    fetch.set_defaults(handler=_fetch)
 
     train = sub.add_parser("train", help="train the models on labelled STEG data")
     train.add_argument("--data", required=True, help="folder with clients_train and invoices_train")

@@ -7,12 +7,18 @@ same names as app settings. Nothing here has a secret as default.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models_artifacts"
 MODEL_NAMES = ("lightgbm", "random_forest", "logistic_regression")
+# Model version names, everywhere a version is named (store paths, pointer, PTD_MODEL_VERSION,
+# the CLI): no path separators, no control characters, bounded length.
+VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+VERSION_RULE = "letters, digits, '.', '_' and '-', at most 64, starting with a letter or digit"
+PIN_PATTERN = re.compile(r"(?P<version>[^@]*)(@sha256:(?P<sha256>[0-9a-f]{64}))?")
 # Functions instances may write only to the temp folder; the cache lives there.
 DEFAULT_CACHE_DIR = Path(tempfile.gettempdir()) / "ptd-models"
 
@@ -74,10 +80,17 @@ class Settings:
                 f"setting PTD_DEFAULT_MODEL={default_model!r} must be one of "
                 f"{', '.join(MODEL_NAMES)}"
             )
+        model_version = env.get("PTD_MODEL_VERSION", "").strip()
+        pin = PIN_PATTERN.fullmatch(model_version)
+        if model_version and not (pin and VERSION_PATTERN.fullmatch(pin["version"])):
+            raise ConfigError(
+                f"setting PTD_MODEL_VERSION={model_version[:100]!r} must be a version name "
+                f"({VERSION_RULE}), optionally followed by @sha256:<64 hex digits>"
+            )
         return cls(
             model_source=source,
             model_dir=Path(env.get("PTD_MODEL_DIR") or BUNDLED_MODEL_DIR),
-            model_version=env.get("PTD_MODEL_VERSION", "").strip(),
+            model_version=model_version,
             model_container=env.get("PTD_MODEL_CONTAINER", "models").strip() or "models",
             model_cache_dir=Path(env.get("PTD_MODEL_CACHE_DIR") or DEFAULT_CACHE_DIR),
             default_model=default_model,

@@ -4,15 +4,24 @@ Layout of the models container (`PTD_MODEL_CONTAINER`, default `models`):
 
     <version>/<file>            every file listed in the version's manifest (references included)
     <version>/manifest.json     written last: a version exists only once its manifest does
-    current.json                {"version", "previous", "activated_at"}: the served version
+    <version>/manifest.json.sha256   the manifest's SHA-256 when it was published (written once)
+    <version>/.publishing       a lock blob, leased while a publish of the version runs
+    current.json                the served version: {"version", "manifest_sha256", "previous",
+                                "previous_manifest_sha256", "activated_at", "activated_by"}
+    audit/<time>-<action>-<version>.json   who published or activated what, and what was before
 
-`ptd publish` uploads a local artifact folder as a new version (never overwriting a different
-one), `ptd activate VERSION` moves the pointer (rollback = activate the previous version). On
-cold start `load_artifacts` reads the pointer (or the pinned `PTD_MODEL_VERSION`), downloads the
-serving files (`model.serving_files`: not the `*.joblib` references, which stay in the store) into
-`PTD_MODEL_CACHE_DIR/<version>/` and lets `ArtifactSet` check their SHA-256 before anything is
-loaded. Every failure is a `ModelError` whose message says what is wrong and where;
-the API answers /api/health with 503 and that reason.
+Version names match `VERSION_PATTERN` (letters, digits, `.`, `_`, `-`; at most 64 characters,
+starting with a letter or digit) everywhere a version is named. `ptd publish` validates the set
+(`ArtifactSet`: checksums and every number, shape and tree), then uploads it under a lease on the
+version's lock blob, files first and the manifest last with If-None-Match: two publishers of one
+version can never mix their files. `ptd activate VERSION` records the SHA-256 of the version's
+manifest in the pointer (rollback = activate the previous version). On cold start `load_artifacts`
+reads the pointer (or the pinned `PTD_MODEL_VERSION`, optionally `VERSION@sha256:HASH`), refuses
+a version whose manifest no longer has the activated hash (edited in place), downloads the serving
+files (`model.serving_files`: not the reference files, which stay in the store) into
+`PTD_MODEL_CACHE_DIR/<version>/` and lets `ArtifactSet` check their SHA-256 and validate them
+before anything is served. Every failure is a `ModelError` whose message says what is wrong and
+where; the API answers /api/health with 503 and that reason.
 
 The connection follows the Functions convention for a connection named `STORAGE`: setting
 `STORAGE` is a connection string (`UseDevelopmentStorage=true` means Azurite on 127.0.0.1:10000),
@@ -24,6 +33,9 @@ GitHub workflow's OIDC login).
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -32,12 +44,12 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from detector.config import ConfigError, Settings
+from detector.config import PIN_PATTERN, VERSION_PATTERN, VERSION_RULE, ConfigError, Settings
 from detector.model import MANIFEST, ArtifactSet, ModelError, serving_files, verify_manifest
 
 if TYPE_CHECKING:
@@ -47,6 +59,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POINTER = "current.json"
+LOCK = ".publishing"
+HASH_SUFFIX = ".sha256"  # <version>/manifest.json.sha256: the hash it was published with
+AUDIT_PREFIX = "audit/"
+LEASE_SECONDS = 60  # the publish lock's lease, renewed between uploads
 AZURITE_ACCOUNT = "devstoreaccount1"
 AZURITE_BLOB_ENDPOINT = f"http://127.0.0.1:10000/{AZURITE_ACCOUNT}"
 # Transient failures (throttling, 5xx, dropped connections) are retried with exponential backoff
@@ -265,23 +281,41 @@ class ModelStore:
             raise storage_error(exc, f"cannot check {name}", self.where) from None
 
     def manifest(self, version: str) -> dict[str, Any]:
-        _check_version(version)
+        check_version(version)
         return self._read_json(f"{version}/{MANIFEST}", f"model version {version!r}")
 
     def current(self) -> dict[str, Any] | None:
-        """The pointer ({"version", "previous", "activated_at"}), or None if nothing is active."""
+        """The pointer (see the module docstring), or None if nothing is active."""
         from azure.core.exceptions import ResourceNotFoundError
 
         try:
             pointer = self._read_json(POINTER, "model pointer", missing_ok=True)
         except ResourceNotFoundError:
             return None
-        if not isinstance(pointer.get("version"), str) or not pointer["version"]:
-            raise ModelError(f"model pointer {POINTER} in {self.where} names no version")
+        version = pointer.get("version")
+        if not isinstance(version, str) or not VERSION_PATTERN.fullmatch(version):
+            raise ModelError(f"model pointer {POINTER} in {self.where} names no valid version")
         return pointer
 
     def versions(self) -> list[str]:
-        """Complete versions (those whose manifest exists), sorted; none if no container."""
+        """Complete versions (a valid name whose manifest exists), sorted; none if no container.
+        Blobs under other names are not versions (`ptd versions --json` lists them apart)."""
+        return sorted(v for v in self._manifest_folders() if VERSION_PATTERN.fullmatch(v))
+
+    def _published_sha256(self, version: str) -> str | None:
+        """The manifest's SHA-256 recorded when the version was published (None if older)."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        name = f"{version}/{MANIFEST}{HASH_SUFFIX}"
+        try:
+            text = self.container.download_blob(name).readall().decode("ascii", "replace")
+        except ResourceNotFoundError:
+            return None
+        except Exception as exc:
+            raise storage_error(exc, f"cannot read {name}", self.where) from None
+        return text.strip()[:64] or None
+
+    def _manifest_folders(self) -> list[str]:
         from azure.core.exceptions import ResourceNotFoundError
 
         try:
@@ -290,66 +324,175 @@ class ModelStore:
             return []
         except Exception as exc:
             raise storage_error(exc, "cannot list model versions", self.where) from None
-        return sorted(
-            name[: -len(MANIFEST) - 1]
-            for name in names
-            if name.endswith(f"/{MANIFEST}") and name.count("/") == 1
-        )
+        return [name[: -len(MANIFEST) - 1] for name in names if name.endswith(f"/{MANIFEST}")]
+
+    def describe(self) -> dict[str, Any]:
+        """Every version with its manifest's SHA-256 now, the one it was published with, and
+        whether they still agree; the pointer; names that are not valid versions."""
+        folders = self._manifest_folders()
+        pointer = self.current() if folders else None
+        entries = []
+        for version in sorted(v for v in folders if VERSION_PATTERN.fullmatch(v)):
+            name = f"{version}/{MANIFEST}"
+            digest = sha256_bytes(self._download_bytes(name, f"model version {version!r}"))
+            published = self._published_sha256(version)
+            state = "unknown" if not published else "ok" if published == digest else "changed"
+            activated = pointer.get("manifest_sha256") if pointer else None
+            if pointer and pointer["version"] == version and activated and activated != digest:
+                state = "changed"
+            entries.append(
+                {
+                    "version": version,
+                    "manifest_sha256": digest,
+                    "published_sha256": published,
+                    "state": state,
+                    "current": bool(pointer and pointer["version"] == version),
+                }
+            )
+        invalid = sorted(v for v in folders if not VERSION_PATTERN.fullmatch(v))
+        return {"versions": entries, "pointer": pointer, "invalid_names": invalid}
 
     # -- writing -----------------------------------------------------------------------------
     def _ensure_container(self) -> None:
         ensure_container(self.container, self.where)
 
-    def publish(
-        self, artifacts_dir: Path, version: str | None = None, activate: bool = False
-    ) -> str:
-        """Upload a verified local artifact folder as `version` (default: its model_version).
+    def _audit(self, action: str, version: str, previous: str | None, actor: str) -> None:
+        """An audit event: a blob under audit/ and a structured log line, no customer data."""
+        from azure.storage.blob import ContentSettings
 
-        Files go first and the manifest last, so a half-finished upload is never a version.
-        Publishing a version that already exists with the same manifest is a no-op (the
-        deploy workflow retries); a different manifest under the same name is refused.
+        now = datetime.now(UTC)
+        event = {
+            "event": "model_" + action,
+            "at": now.isoformat(timespec="seconds"),
+            "actor": actor,
+            "version": version,
+            "previous": previous,
+            "where": self.where,
+        }
+        name = f"{AUDIT_PREFIX}{now:%Y%m%dT%H%M%S%fZ}-{action}-{version}.json"
+        try:
+            self.container.upload_blob(
+                name,
+                json.dumps(event, indent=2).encode(),
+                content_settings=ContentSettings(content_type="application/json"),
+            )
+        except Exception as exc:
+            raise storage_error(exc, f"cannot write the audit event {name}", self.where) from None
+        from detector.telemetry import log_event
+
+        log_event(log, logging.INFO, event)
+
+    def publish(
+        self,
+        artifacts_dir: Path,
+        version: str | None = None,
+        activate: bool = False,
+        activate_if_none: bool = False,
+        actor: str | None = None,
+    ) -> str:
+        """Upload a validated local artifact folder as `version` (default: its model_version).
+
+        The set is checked as serving will check it (`ArtifactSet`: checksums, numbers,
+        shapes, trees) before anything is uploaded. The upload holds a lease on the version's
+        lock blob, so a concurrent publish of the same version fails cleanly instead of mixing
+        files; files go first and the manifest last (If-None-Match: *), so a half-finished
+        upload is never a version. Publishing a version that already exists with the same
+        manifest is a no-op (the deploy workflow retries); a different manifest under the same
+        name is refused. `activate` moves the pointer to it; `activate_if_none` only when no
+        version is active. Raises ModelError.
         """
-        from azure.core.exceptions import ResourceExistsError, ResourceModifiedError
         from azure.storage.blob import ContentSettings
 
         artifacts_dir = Path(artifacts_dir)
-        manifest = verify_manifest(artifacts_dir)  # the full set: references are uploaded too
-        version = version or str(manifest.get("model_version", ""))
-        _check_version(version)
+        verify_manifest(artifacts_dir)  # the full set: references are uploaded too
+        checked = ArtifactSet(artifacts_dir)  # the same validation as a cold start
+        version = check_version(version or checked.version)
+        actor = actor or self.actor()
         manifest_bytes = (artifacts_dir / MANIFEST).read_bytes()
+        digest = sha256_bytes(manifest_bytes)
         self._ensure_container()
         manifest_name = f"{version}/{MANIFEST}"
         if self._exists(manifest_name):
-            existing = self._download_bytes(manifest_name, f"model version {version!r}")
-            if existing != manifest_bytes:
-                raise ModelError(
-                    f"model version {version!r} already exists in {self.where} with a different "
-                    "manifest; versions are immutable: publish under a new --version"
-                )
+            self._same_manifest(version, manifest_bytes)
             log.info("model version %s is already published", version)
         else:
-            try:
-                for name in sorted(manifest["files"]):
-                    with (artifacts_dir / name).open("rb") as handle:
-                        self.container.upload_blob(f"{version}/{name}", handle, overwrite=True)
-                self.container.upload_blob(
-                    manifest_name,
-                    manifest_bytes,
-                    content_settings=ContentSettings(content_type="application/json"),
-                )  # overwrite=False: the SDK sends If-None-Match: *
-            except (ResourceExistsError, ResourceModifiedError):
-                raise ModelError(
-                    f"model version {version!r} was published concurrently in {self.where}; "
-                    "check it with `ptd versions`"
-                ) from None
-            except Exception as exc:
-                raise storage_error(
-                    exc, f"cannot publish model version {version!r}", self.where
-                ) from None
-            log.info("published model version %s (%d files)", version, len(manifest["files"]) + 1)
-        if activate:
-            self.activate(version)
+            with self._publish_lock(version) as renew:
+                if self._exists(manifest_name):  # published by someone else meanwhile
+                    self._same_manifest(version, manifest_bytes)
+                else:
+                    try:
+                        for name in sorted(checked.manifest["files"]):
+                            with (artifacts_dir / name).open("rb") as handle:
+                                self.container.upload_blob(
+                                    f"{version}/{name}", handle, overwrite=True
+                                )
+                            renew()
+                        self.container.upload_blob(
+                            f"{manifest_name}{HASH_SUFFIX}", digest.encode(), overwrite=True
+                        )
+                        self.container.upload_blob(
+                            manifest_name,
+                            manifest_bytes,
+                            content_settings=ContentSettings(content_type="application/json"),
+                        )  # overwrite=False: the SDK sends If-None-Match: *
+                    except ModelError:
+                        raise
+                    except Exception as exc:
+                        raise storage_error(
+                            exc, f"cannot publish model version {version!r}", self.where
+                        ) from None
+                    log.info("published model version %s", version)
+                    self._audit("published", version, None, actor)
+        if activate or (activate_if_none and self.current() is None):
+            self.activate(version, actor=actor)
         return version
+
+    def _same_manifest(self, version: str, manifest_bytes: bytes) -> None:
+        existing = self._download_bytes(f"{version}/{MANIFEST}", f"model version {version!r}")
+        if existing != manifest_bytes:
+            raise ModelError(
+                f"model version {version!r} already exists in {self.where} with a different "
+                "manifest; versions are immutable: publish under a new --version"
+            )
+
+    @contextlib.contextmanager
+    def _publish_lock(self, version: str) -> Iterator[Callable[[], None]]:
+        """Hold a lease on `<version>/.publishing` (pessimistic concurrency: Azure Storage's
+        lease, "Managing concurrency in Blob storage"); yields a function that renews it."""
+        from azure.core.exceptions import HttpResponseError, ResourceExistsError
+
+        lock = self.container.get_blob_client(f"{version}/{LOCK}")
+        try:
+            lock.upload_blob(b"", overwrite=False)
+        except ResourceExistsError:
+            pass  # a previous publish left it; its lease (if any) decides
+        except Exception as exc:
+            raise storage_error(exc, f"cannot create {version}/{LOCK}", self.where) from None
+        try:
+            lease = lock.acquire_lease(lease_duration=LEASE_SECONDS)
+        except HttpResponseError as exc:
+            if exc.status_code == 409:
+                raise ModelError(
+                    f"model version {version!r} is being published by someone else in "
+                    f"{self.where}; wait a minute and check it with `ptd versions`"
+                ) from None
+            raise storage_error(exc, f"cannot lock {version}/{LOCK}", self.where) from None
+        last = time.monotonic()
+
+        def renew() -> None:
+            nonlocal last
+            if time.monotonic() - last > LEASE_SECONDS / 3:
+                lease.renew()
+                last = time.monotonic()
+
+        try:
+            yield renew
+            # Done: the lock blob goes (a failed publish leaves it; its lease expires).
+            with contextlib.suppress(Exception):
+                lock.delete_blob(lease=lease)
+        finally:
+            with contextlib.suppress(Exception):
+                lease.release()
 
     def _download_bytes(self, name: str, what: str) -> bytes:
         try:
@@ -357,53 +500,122 @@ class ModelStore:
         except Exception as exc:
             raise storage_error(exc, what, f"{name} in {self.where}") from None
 
-    def activate(self, version: str) -> dict[str, Any]:
-        """Point `current.json` at a complete version; returns the new pointer."""
+    def activate(self, version: str, actor: str | None = None) -> dict[str, Any]:
+        """Point `current.json` at a complete, valid version, pinned to its manifest's SHA-256;
+        returns the new pointer. The pointer is replaced only if nobody changed it since it was
+        read (ETag), so two activations cannot lose each other's `previous`."""
+        from azure.core import MatchConditions
+        from azure.core.exceptions import (
+            ResourceExistsError,
+            ResourceModifiedError,
+            ResourceNotFoundError,
+        )
         from azure.storage.blob import ContentSettings
 
-        manifest = self.manifest(version)  # raises if the version is incomplete or absent
-        missing = [
-            name
-            for name in sorted(manifest.get("files", {}))
-            if not self._exists(f"{version}/{name}")
-        ]
+        check_version(version)
+        actor = actor or self.actor()
+        manifest_bytes = self._download_bytes(f"{version}/{MANIFEST}", f"model version {version!r}")
+        try:
+            manifest = json.loads(manifest_bytes)
+            files = sorted(manifest.get("files", {}))
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+            raise ModelError(f"model version {version!r}: manifest is not valid: {exc}") from None
+        missing = [name for name in files if not self._exists(f"{version}/{name}")]
         if missing:
             raise ModelError(
                 f"model version {version!r} in {self.where} is missing {', '.join(missing)}: "
                 "not activated"
             )
-        current = self.current()
-        previous = current["version"] if current else None
-        if previous == version:
-            previous = current.get("previous") if current else None
+        pointer_blob = self.container.get_blob_client(POINTER)
+        try:
+            current_props = pointer_blob.get_blob_properties()
+            etag: str | None = str(current_props.etag)
+        except ResourceNotFoundError:
+            etag = None
+        except Exception as exc:
+            raise storage_error(exc, "cannot read the model pointer", self.where) from None
+        current = self.current() if etag else None
+        if current and current["version"] != version:
+            previous, previous_sha = current["version"], current.get("manifest_sha256")
+        elif current:
+            previous, previous_sha = (
+                current.get("previous"),
+                current.get("previous_manifest_sha256"),
+            )
+        else:
+            previous, previous_sha = None, None
         pointer = {
             "version": version,
+            "manifest_sha256": sha256_bytes(manifest_bytes),
             "previous": previous,
+            "previous_manifest_sha256": previous_sha,
             "activated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "activated_by": actor,
         }
+        condition: dict[str, Any] = (
+            {"etag": etag, "match_condition": MatchConditions.IfNotModified, "overwrite": True}
+            if etag
+            else {"overwrite": False}
+        )
         try:
-            self.container.upload_blob(
-                POINTER,
+            pointer_blob.upload_blob(
                 json.dumps(pointer, indent=2).encode(),
-                overwrite=True,
                 content_settings=ContentSettings(content_type="application/json"),
+                **condition,
             )
+        except (ResourceModifiedError, ResourceExistsError):
+            raise ModelError(
+                f"the model pointer in {self.where} changed while version {version!r} was being "
+                "activated; check `ptd versions` and activate again"
+            ) from None
         except Exception as exc:
             raise storage_error(
                 exc, f"cannot activate model version {version!r}", self.where
             ) from None
         log.info("activated model version %s (previous %s)", version, previous)
+        self._audit("activated", version, current["version"] if current else None, actor)
         return pointer
 
+    def actor(self) -> str:
+        """Who acts: PTD_ACTOR (the deploy workflow sets the GitHub actor), else the identity of
+        the credential's storage token (user principal name, or the app's id), else the kind
+        of connection (a connection string carries no identity)."""
+        named = os.environ.get("PTD_ACTOR", "").strip()
+        if named:
+            return named[:200]
+        credential = getattr(self.container, "credential", None)
+        get_token = getattr(credential, "get_token", None)
+        if get_token is None:
+            return "shared key (connection string)"
+        try:
+            token = get_token("https://storage.azure.com/.default").token
+            payload = token.split(".")[1]
+            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        except Exception:  # the identity is for the audit line; never fail a publish on it
+            return "entra id (identity unknown)"
+        for claim in ("upn", "unique_name", "preferred_username", "appid", "oid"):
+            if claims.get(claim):
+                return f"{claim}:{claims[claim]}"
+        return "entra id (identity unknown)"
+
     # -- cold start ----------------------------------------------------------------------------
-    def download(self, version: str, cache_dir: Path) -> Path:
+    def download(self, version: str, cache_dir: Path, expected_sha256: str | None = None) -> Path:
         """The verified serving files of `version` in `cache_dir/<version>/`, unless cached.
 
         Only `serving_files` and the manifest are fetched; the reference files stay in the
-        store (publish keeps the complete set there).
+        store (publish keeps the complete set there). With `expected_sha256` (the pointer's, or
+        a pin), a manifest that no longer has that SHA-256 is refused: the version was changed
+        under its name after it was activated.
         """
-        _check_version(version)
+        check_version(version)
         manifest_bytes = self._download_bytes(f"{version}/{MANIFEST}", f"model version {version!r}")
+        if expected_sha256 and sha256_bytes(manifest_bytes) != expected_sha256:
+            raise ModelError(
+                f"model version {version!r}: its manifest changed after it was activated "
+                f"(SHA-256 {sha256_bytes(manifest_bytes)[:12]}..., activated "
+                f"{expected_sha256[:12]}...): refusing to serve it; see RUNBOOKS, "
+                "'A model version changed under its name'"
+            )
         try:
             names = serving_files(json.loads(manifest_bytes))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -455,9 +667,27 @@ def _cache_matches(target: Path, manifest_bytes: bytes) -> bool:
         return False
 
 
-def _check_version(version: str) -> None:
-    if not version or "/" in version or version in (".", "..") or version.startswith("."):
-        raise ModelError(f"invalid model version {version!r}")
+def check_version(version: str) -> str:
+    """`version` if it is a valid version name (VERSION_PATTERN), else ModelError."""
+    if not isinstance(version, str) or not VERSION_PATTERN.fullmatch(version):
+        shown = repr(version)[:80]
+        raise ModelError(f"invalid model version {shown}: use {VERSION_RULE}")
+    return version
+
+
+_check_version = check_version
+
+
+def parse_pin(value: str) -> tuple[str, str | None]:
+    """`VERSION` or `VERSION@sha256:HASH` (PTD_MODEL_VERSION) as (version, hash or None)."""
+    pin = PIN_PATTERN.fullmatch(value)
+    if pin is None:
+        raise ModelError(f"invalid pin {value[:120]!r}: expected VERSION@sha256:<64 hex digits>")
+    return check_version(pin["version"]), pin["sha256"]
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def load_artifacts(
@@ -471,16 +701,18 @@ def load_artifacts(
         store = ModelStore.from_settings(settings, environ, **client_options)
     except ConfigError as exc:
         raise ModelError(str(exc)) from None
-    version = settings.model_version
+    version, pinned = parse_pin(settings.model_version) if settings.model_version else ("", None)
+    pointer = store.current()
     if not version:
-        pointer = store.current()
         if pointer is None:
             raise ModelError(
                 f"no model is active: {POINTER} is missing in {store.where}; "
                 "run `ptd publish --activate`"
             )
         version = str(pointer["version"])
-    directory = store.download(version, settings.model_cache_dir)
+    if pinned is None and pointer is not None and pointer["version"] == version:
+        pinned = pointer.get("manifest_sha256") or None
+    directory = store.download(version, settings.model_cache_dir, pinned)
     artifacts = ArtifactSet(directory)  # verifies every SHA-256 again, then loads
     log.info(
         "model version %s loaded from blob storage in %.2f s",

@@ -54,6 +54,11 @@ param batchRetentionDays int = 30
 @maxValue(365)
 param softDeleteRetentionDays int = 30
 
+@description('Days each version of a model file, manifest, audit event or pointer stays immutable in the models container (version-level WORM); 0 turns it off.')
+@minValue(0)
+@maxValue(146000)
+param modelsImmutabilityDays int = 30
+
 @description('Flex Consumption: maximum number of instances.')
 @minValue(1)
 @maxValue(1000)
@@ -222,6 +227,7 @@ module storage 'modules/storage.bicep' = {
     deadLetterContainerName: deadLetterContainerName
     batchRetentionDays: batchRetentionDays
     softDeleteRetentionDays: softDeleteRetentionDays
+    modelsImmutabilityDays: modelsImmutabilityDays
     vnetEnabled: vnetEnabled
     allowedIpRanges: allowedIpRanges
     lockAccount: lockDataAccount

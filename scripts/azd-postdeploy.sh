@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # azd postdeploy hook (azure.yaml): what .github/workflows/deploy.yml does after the code
 # deployment, for a stage deployed with `azd up`:
-#   1. publish the bundled model and activate it (ptd publish --activate, retried while the
-#      deployer's new role on `models` propagates), and restart the app;
+#   1. publish the bundled model (scripts/publish-model.sh: activated only when no version is
+#      active, or with `azd env set ACTIVATE_BUNDLED_MODEL true`; retried while the deployer's
+#      new role on `models` propagates), and restart the app;
 #   2. scripts/post-deploy.sh: the Event Grid subscription of the blob trigger (retry policy,
 #      dead-lettering) and the availability test of /api/health;
 #   3. scripts/smoke_test.py: /api/health, one golden prediction and one golden batch file.
@@ -46,12 +47,10 @@ APP_URL="$(output functionAppUrl)"
 PYTHON="python3"
 if [ -x .venv/bin/python ]; then PYTHON=".venv/bin/python"; fi
 
-for attempt in 1 2 3 4 5 6; do
-  if "${PYTHON}" -m detector publish --artifacts models_artifacts --activate; then break; fi
-  if [ "${attempt}" = 6 ]; then echo "ptd publish failed"; exit 1; fi
-  echo "ptd publish failed (attempt ${attempt}); retrying in 30 s (a new role assignment can take minutes)"
-  sleep 30
-done
+export PTD_ACTOR="${PTD_ACTOR:-azd:${AZURE_ENV_NAME:-env}}"
+published="$(PTD="${PYTHON} -m detector" bash scripts/publish-model.sh)"
+printf '%s\n' "${published}"
+MODEL_DIR="$(printf '%s\n' "${published}" | sed -n 's/^model_dir=//p')"
 
 # Instances read the model pointer at cold start: restart so that none keeps the previous model.
 az functionapp restart -g "${RESOURCE_GROUP}" -n "${FUNCTION_APP_NAME}"
@@ -60,6 +59,8 @@ bash scripts/post-deploy.sh
 
 if [ "${SMOKE_TEST:-true}" = "true" ]; then
   key="$(az functionapp keys list -g "${RESOURCE_GROUP}" -n "${FUNCTION_APP_NAME}" --query 'functionKeys.default' -o tsv)"
+  model_args=()
+  if [ -n "${MODEL_DIR}" ]; then model_args=(--model-dir "${MODEL_DIR}"); fi
   SMOKE_FUNCTION_KEY="${key}" "${PYTHON}" scripts/smoke_test.py --app-url "${APP_URL}" \
-    --run-id "azd-$(date +%Y%m%d%H%M%S)"
+    --run-id "azd-$(date +%Y%m%d%H%M%S)" "${model_args[@]}"
 fi

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from pathlib import Path
@@ -137,7 +138,10 @@ def test_publish_activate_versions_rollback(
 
     assert main(["versions"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert "* v2  (current)" in lines and "  v1" in lines and f"  {default_version}" in lines
+    digest = hashlib.sha256((tiny_artifacts_dir / "manifest.json").read_bytes()).hexdigest()
+    assert f"* v2  sha256 {digest[:12]}  as published" in lines
+    assert f"  v1  sha256 {digest[:12]}  as published" in lines
+    assert f"  {default_version}  sha256 {digest[:12]}  as published" in lines
 
     assert main(["activate", "v1"]) == 0  # the rollback
     assert capsys.readouterr().out.strip() == "v1"

@@ -44,6 +44,8 @@ MONITORING_METRICS_PUBLISHER = "3913510d-42f4-4e42-8a64-420c390055eb"
 # Settings the code reads that must never be set in Azure: function keys do the auth there, and
 # the models come from blob storage, not from a folder.
 LOCAL_ONLY_SETTINGS = {"PTD_API_KEYS", "PTD_MODEL_DIR"}
+# Read by the `ptd` model-store commands (the deploy workflow sets it), never by the app.
+CLI_ONLY_SETTINGS = {"PTD_ACTOR"}
 # Assumed until detector/config.py exists (the issue's list).
 FALLBACK_CODE_SETTINGS = {
     "PTD_MODEL_SOURCE",
@@ -135,6 +137,18 @@ def evaluate(expr: Any, scope: dict[str, Any]) -> Any:
             return evaluate(operands[branch], scope)
         if op == "not":
             return not evaluate(operands["bool_value"], scope)
+        comparisons = {
+            "greater_than": lambda a, b: a > b,
+            "greater_than_or_equals": lambda a, b: a >= b,
+            "less_than": lambda a, b: a < b,
+            "less_than_or_equals": lambda a, b: a <= b,
+            "equals": lambda a, b: a == b,
+            "not_equals": lambda a, b: a != b,
+        }
+        if op in comparisons:
+            first = evaluate(operands["operand_1"], scope)
+            second = evaluate(operands["operand_2"], scope)
+            return comparisons[op](first, second)
         if op == "property_accessor":
             base = evaluate(operands["operand_1"], scope)
             path = operands["operand_2"]
@@ -462,7 +476,7 @@ def test_every_setting_the_code_reads_is_set_in_azure() -> None:
     assert read, "found no PTD_* setting in the code"
     assert LOCAL_ONLY_SETTINGS <= FALLBACK_CODE_SETTINGS
     settings = set(app_settings())
-    missing = read - LOCAL_ONLY_SETTINGS - settings
+    missing = read - LOCAL_ONLY_SETTINGS - CLI_ONLY_SETTINGS - settings
     assert not missing, f"read by the code but not set by infra: {sorted(missing)}"
     assert "APPLICATIONINSIGHTS_CONNECTION_STRING" in settings
 
@@ -560,6 +574,32 @@ def test_data_containers_versioning_and_soft_delete() -> None:
     assert blob["isVersioningEnabled"] is True
     assert blob["deleteRetentionPolicy"]["enabled"] is True
     assert blob["containerDeleteRetentionPolicy"]["enabled"] is True
+
+
+def test_models_are_immutable_versions() -> None:
+    """Version-level WORM on `models` (with versioning on): published versions cannot be
+    changed or deleted for modelsImmutabilityDays, and 0 turns it off."""
+    doc = module("storage.bicep")
+    containers = resources_of(doc, "Microsoft.Storage/storageAccounts/blobServices/containers")
+    (models,) = [c for c in containers.values() if body(c)["name"] == "modelsContainerName"]
+    worm = body(models)["properties"]["immutableStorageWithVersioning"]["enabled"]
+    assert evaluate(worm, scope_of(doc)) is True
+    assert evaluate(worm, scope_of(doc, modelsImmutabilityDays=0)) is False
+    policies = resources_of(
+        doc, "Microsoft.Storage/storageAccounts/blobServices/containers/immutabilityPolicies"
+    )
+    (policy,) = policies.values()
+    condition = policy["config"]["condition"]
+    assert evaluate(condition, scope_of(doc)) is True
+    assert evaluate(condition, scope_of(doc, modelsImmutabilityDays=0)) is False
+    assert body(policy)["name"] == "default"
+    properties = body(policy)["properties"]
+    assert properties["allowProtectedAppendWrites"] is False
+    assert evaluate(properties["immutabilityPeriodSinceCreationInDays"], scope_of(doc)) == 30
+    blob = one(doc, "Microsoft.Storage/storageAccounts/blobServices")["properties"]
+    assert blob["isVersioningEnabled"] is True  # a prerequisite of version-level WORM
+    assert param_default(module("../main.bicep"), "modelsImmutabilityDays") == 30
+    assert module_call("storage")["params"]["modelsImmutabilityDays"]
 
 
 def test_deployment_package_container() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -78,8 +79,10 @@ def test_publish_then_cold_start_pull_verifies_and_loads(
     assert store.versions() == [version]
     pointer = store.current()
     assert pointer is not None and pointer["version"] == version and pointer["previous"] is None
-    names = {b.name for b in store.container.list_blobs()}
-    assert names == {POINTER, f"{version}/{MANIFEST}"} | {
+    digest = hashlib.sha256((tiny_artifacts_dir / MANIFEST).read_bytes()).hexdigest()
+    assert pointer["manifest_sha256"] == digest
+    names = {b.name for b in store.container.list_blobs() if not b.name.startswith("audit/")}
+    assert names == {POINTER, f"{version}/{MANIFEST}", f"{version}/{MANIFEST}.sha256"} | {
         f"{version}/{f}" for f in manifest["files"]
     }
 
@@ -111,8 +114,8 @@ def test_cold_start_downloads_only_the_serving_files(
     store = ModelStore.from_settings(_settings(tmp_path, _container()), env)
     version = store.publish(bundled.directory)
     # Publishing still keeps the complete, reproducible set in the store.
-    assert {b.name for b in store.container.list_blobs()} == {
-        f"{version}/{name}" for name in [*bundled.manifest["files"], MANIFEST]
+    assert {b.name for b in store.container.list_blobs() if not b.name.startswith("audit/")} == {
+        f"{version}/{name}" for name in [*bundled.manifest["files"], MANIFEST, f"{MANIFEST}.sha256"]
     }
     fetched = _spy_downloads(store, monkeypatch)
     directory = store.download(version, tmp_path / "cache")
@@ -188,6 +191,9 @@ def test_manifest_that_hides_a_serving_file_is_refused(
     del manifest["files"]["scaler.npz"]
     store.container.upload_blob(f"{version}/{MANIFEST}", json.dumps(manifest), overwrite=True)
     with pytest.raises(ModelError, match=r"serving loads scaler\.npz"):
+        store.download(version, settings.model_cache_dir)  # unpinned: the rule itself refuses
+    # Through the pointer, the edit is refused first: the activated manifest had another hash.
+    with pytest.raises(ModelError, match="manifest changed after it was activated"):
         load_artifacts(settings, env)
     assert not settings.model_cache_dir.exists() or not any(settings.model_cache_dir.iterdir())
 

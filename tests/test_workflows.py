@@ -285,7 +285,7 @@ def test_deploy_order_publish_subscription_smoke_rollback() -> None:
     job = deploy_job()
     code = index_of(job, "functions-action")
     previous = index_of(job, "ptd versions")
-    publish = index_of(job, "ptd publish --artifacts models_artifacts --activate")
+    publish = index_of(job, "scripts/publish-model.sh")
     subscription = index_of(job, "scripts/post-deploy.sh")
     smoke = index_of(job, "scripts/smoke_test.py")
     rollback = index_of(job, "ptd activate")
@@ -730,7 +730,7 @@ def test_azure_yaml_deploys_the_function_app_and_hooks_the_post_deploy_steps() -
         for line in (SCRIPTS / "azd-postdeploy.sh").read_text().splitlines()
         if not line.lstrip().startswith("#")
     )
-    publish = script.index("publish --artifacts models_artifacts --activate")
+    publish = script.index("bash scripts/publish-model.sh")
     restart = script.index("az functionapp restart")
     post = script.index("bash scripts/post-deploy.sh")
     smoke = script.index("scripts/smoke_test.py")
@@ -758,6 +758,7 @@ def test_azd_postdeploy_maps_azd_outputs_to_the_scripts(tmp_path: Path) -> None:
     project = tmp_path / "project"
     (project / "scripts").mkdir(parents=True)
     shutil.copy(SCRIPTS / "azd-postdeploy.sh", project / "scripts")
+    shutil.copy(SCRIPTS / "publish-model.sh", project / "scripts")
     (project / "scripts" / "post-deploy.sh").write_text('env > "$STATE_DIR/post-deploy.env"\n')
     env, log = stub_path(tmp_path, {"azd": azd, "python3": "exit 0", "az": "exit 0"})
     env.update(STATE_DIR=str(tmp_path), SMOKE_TEST="false")
@@ -781,14 +782,15 @@ def test_azd_postdeploy_maps_azd_outputs_to_the_scripts(tmp_path: Path) -> None:
     assert seen["DEAD_LETTER_CONTAINER"] == "eventgrid-deadletter"
     (restart,) = [c for c in calls(log) if c[0] == "az"]
     assert restart[1:] == ["functionapp", "restart", "-g", "rg-me", "-n", "func-me"]
-    (publish,) = [c for c in calls(log) if c[0] == "python3"]
+    (publish,) = [c for c in calls(log) if c[0] == "python3" and "publish" in c]
+    # The bundled model is activated only when none is active (publish-model.sh).
     assert publish[1:] == [
         "-m",
         "detector",
         "publish",
         "--artifacts",
         "models_artifacts",
-        "--activate",
+        "--activate-if-none",
     ]
 
 

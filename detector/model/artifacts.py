@@ -122,12 +122,68 @@ def verify_manifest(directory: Path, *, references_optional: bool = False) -> di
     return manifest
 
 
-def _load_arrays(path: Path) -> dict[str, np.ndarray]:
+# Bounds on what one .npz may inflate to: the bundled forest's arrays take about 25 MB.
+MAX_ARRAY_BYTES = 256 * 1024 * 1024
+MAX_ARCHIVE_BYTES = 512 * 1024 * 1024
+MAX_ARRAYS = 64
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an `.npz` archive, read within bounds whatever the archive claims.
+
+    Each member's `.npy` header is read first (format: numpy.lib.format, NEP 1): an object or
+    structured dtype, or a declared size over MAX_ARRAY_BYTES (MAX_ARCHIVE_BYTES in all), is
+    refused before any data is inflated; then exactly the declared number of bytes is
+    decompressed, so a member that inflates further is never read. No pickle is ever loaded.
+    Raises ModelError naming the file and the member.
+    """
+    import zipfile
+
+    arrays: dict[str, np.ndarray] = {}
+    total = 0
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
-    except (OSError, ValueError) as exc:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+            if len(members) > MAX_ARRAYS:
+                raise ModelError(f"{path.name}: {len(members)} members (at most {MAX_ARRAYS})")
+            for member in members:
+                name = member.filename
+                if not name.endswith(".npy") or "/" in name:
+                    raise ModelError(f"{path.name}: unexpected member {name!r}")
+                with archive.open(member) as stream:
+                    version = np.lib.format.read_magic(stream)
+                    if version == (1, 0):
+                        header = np.lib.format.read_array_header_1_0(stream, 10_000)
+                    elif version == (2, 0):
+                        header = np.lib.format.read_array_header_2_0(stream, 10_000)
+                    else:
+                        raise ModelError(f"{path.name}: {name}: unknown .npy version {version}")
+                    shape, fortran, dtype = header
+                    if dtype.hasobject or dtype.fields is not None or dtype.itemsize == 0:
+                        raise ModelError(f"{path.name}: {name}: dtype {dtype} is not a number")
+                    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+                    size = count * dtype.itemsize
+                    total += size
+                    if size > MAX_ARRAY_BYTES or total > MAX_ARCHIVE_BYTES:
+                        raise ModelError(
+                            f"{path.name}: {name} declares {size:,} bytes (limits: "
+                            f"{MAX_ARRAY_BYTES:,} per array, {MAX_ARCHIVE_BYTES:,} per file)"
+                        )
+                    data = stream.read(size)
+                    if len(data) != size:
+                        raise ModelError(f"{path.name}: {name} is shorter than its header says")
+                    array = np.frombuffer(data, dtype=dtype).reshape(
+                        shape, order="F" if fortran else "C"
+                    )
+                    arrays[name[: -len(".npy")]] = array
+    except ModelError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise ModelError(f"cannot read {path.name}: {exc}") from None
+    return arrays
+
+
+_load_arrays = load_arrays
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ _REPLACEMENT = {NAN_RIGHT: np.inf, NAN_AS_ZERO: 0.0, ZERO_LEFT: np.nan, ZERO_RIG
 ZERO_THRESHOLD = 1e-35  # LightGBM's kZeroThreshold: |x| <= it counts as zero
 MAX_CATEGORY = 1 << 20  # largest category code a set may hold (bounds the lookup tables)
 MAX_NODES = 1 << 24
+MAX_TABLE_BYTES = 256 * 1024 * 1024  # the categorical lookup tables of one feature
 
 
 class TreeError(ValueError):
@@ -207,6 +208,10 @@ class CompiledTrees:
             sets = self.column_rule[columns] - 5
             members = [categories[offsets[s] : offsets[s + 1]] for s in sets]
             top = max((int(m.max()) for m in members if len(m)), default=0)
+            _check(
+                (top + 2) * len(columns) * 8 <= MAX_TABLE_BYTES,
+                f"category tables of feature {feature} would take more than {MAX_TABLE_BYTES:,} B",
+            )
             table = np.ones((top + 2, len(columns)))  # the last row: not a known code
             for k, member in enumerate(members):
                 table[member, k] = 0.0

@@ -23,6 +23,7 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +43,7 @@ from detector.model import (
     SCALER_FILE,
     ArtifactSet,
     CompiledLogistic,
+    ModelError,
     sha256_file,
 )
 from detector.model.trees import from_lightgbm, from_sklearn_forest
@@ -295,7 +297,42 @@ def train(
                 "seconds": round(candidate.seconds, 1),
             }
         )
-    return _write(Path(out_dir), trainer, shipped, results, started, features_seconds, baseline)
+    return _publish_locally(
+        Path(out_dir),
+        lambda staging: _write(
+            staging, trainer, shipped, results, started, features_seconds, baseline
+        ),
+    )
+
+
+def _publish_locally(out_dir: Path, write: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """Write the set into a staging folder beside `out_dir`, validate it as serving and
+    publishing will (`ArtifactSet`, and the served probabilities against the training
+    library's), and only then replace the set in `out_dir`: a set that fails is never written
+    where it could be served or published (the staging folder is removed)."""
+    import shutil
+    import tempfile
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-staging-", dir=out_dir.parent))
+    try:
+        results = write(staging)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        old = out_dir / MANIFEST
+        stale: set[str] = set()
+        if old.is_file():
+            try:
+                stale = set(json.loads(old.read_text()).get("files", {}))
+            except (json.JSONDecodeError, AttributeError):
+                stale = set()
+        new = {path.name for path in staging.iterdir()}
+        for name in sorted(stale - new):
+            (out_dir / name).unlink(missing_ok=True)
+        for name in [*sorted(new - {MANIFEST}), MANIFEST]:  # the manifest last
+            shutil.move(staging / name, out_dir / name)
+        return results
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write(
@@ -428,12 +465,14 @@ def _check_serving(
     trainer: Trainer,
     shipped: dict[str, tuple[Fitted, CandidateResult, float, list[float]]],
 ) -> None:
-    """Serving's compiled models must give the training library's probabilities (1e-9)."""
+    """The set must pass the validation that publishing and every cold start apply
+    (`ArtifactSet`: checksums, finite numbers in range, shapes, trees), and serving's compiled
+    models must give the training library's probabilities (1e-9). Raises ModelError."""
     artifacts = ArtifactSet(out_dir)
     sample = trainer.views[0].loc[trainer.split.holdout[:2000]]
     for kind, (fitted, *_) in shipped.items():
         served = artifacts.score(sample.to_numpy(dtype=np.float64), kind, False).probability
         reference = fitted.predict(sample, trainer.prep)
         worst = float(np.max(np.abs(served - reference))) if len(sample) else 0.0
-        if worst > 1e-9:
-            raise RuntimeError(f"{kind}: served probabilities differ from training by {worst:.2e}")
+        if not worst <= 1e-9:  # NaN too
+            raise ModelError(f"{kind}: served probabilities differ from training by {worst:.2e}")

@@ -46,6 +46,18 @@ param batchRetentionDays int = 30
 @maxValue(365)
 param softDeleteRetentionDays int = 30
 
+// Version-level immutability (WORM) on `models`: every blob version written there (model files,
+// manifests, audit events, each version of the pointer) can be neither changed nor deleted for
+// this many days; new versions can still be written (versioning is on), so publishing and
+// activating work as before. Needs blob versioning (on above) and no hierarchical namespace.
+// Deployed unlocked (an administrator can shorten or remove it); lock it for compliance.
+// Learn: "Overview of immutable storage for blob data", "Configure immutability policies for
+// blob versions". An existing container must be migrated first (RUNBOOKS).
+@description('Days each version of a blob in the models container stays immutable (WORM); 0 turns it off. A container under WORM can only be deleted once empty.')
+@minValue(0)
+@maxValue(146000)
+param modelsImmutabilityDays int = 30
+
 @description('Network isolation: firewall on (defaultAction Deny); only private endpoints, trusted Azure services (Event Grid dead-lettering with its identity) and allowedIpRanges get in.')
 param vnetEnabled bool = false
 
@@ -121,6 +133,18 @@ resource models 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-
   name: modelsContainerName
   properties: {
     publicAccess: 'None'
+    immutableStorageWithVersioning: {
+      enabled: modelsImmutabilityDays > 0
+    }
+  }
+}
+
+resource modelsImmutability 'Microsoft.Storage/storageAccounts/blobServices/containers/immutabilityPolicies@2023-05-01' = if (modelsImmutabilityDays > 0) {
+  parent: models
+  name: 'default'
+  properties: {
+    immutabilityPeriodSinceCreationInDays: modelsImmutabilityDays
+    allowProtectedAppendWrites: false
   }
 }
 

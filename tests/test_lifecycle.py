@@ -1,0 +1,412 @@
+"""Model versions that cannot change under their name, sets checked before they are published or
+served, version names, concurrent publishes, audit events and deploys that respect operators.
+Against Azurite, with the tiny model trained in tmp_path."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import tracemalloc
+import uuid
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from detector.api import create_app
+from detector.config import ConfigError, Settings
+from detector.model import MANIFEST, ArtifactSet, ModelError, sha256_file, verify_manifest
+from detector.model.artifacts import load_arrays
+from detector.store import POINTER, ModelStore, load_artifacts
+
+pytestmark = [pytest.mark.azurite, pytest.mark.xdist_group("azurite")]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _store(tmp_path: Path, azurite: str) -> tuple[Settings, ModelStore, dict[str, str]]:
+    settings = Settings(
+        model_source="blob",
+        model_container=f"life-{uuid.uuid4().hex[:12]}",
+        model_cache_dir=tmp_path / "cache",
+    )
+    env = {"STORAGE": azurite}
+    return settings, ModelStore.from_settings(settings, env), env
+
+
+def _copy(source: Path, target: Path, **manifest_changes: Any) -> Path:
+    shutil.copytree(source, target)
+    if manifest_changes:
+        manifest = json.loads((target / MANIFEST).read_text())
+        manifest.update(manifest_changes)
+        (target / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return target
+
+
+def _rehash(folder: Path) -> None:
+    """Update the manifest's checksums to the files as they are now (what a careful attacker,
+    or a careless edit, does)."""
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["files"] = {name: sha256_file(folder / name) for name in manifest["files"]}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+# --- pinned versions -----------------------------------------------------------------------------
+
+
+def test_a_version_edited_in_place_after_activation_is_refused_at_cold_start(
+    tmp_path: Path, azurite: str, tiny_artifacts_dir: Path
+) -> None:
+    settings, store, env = _store(tmp_path, azurite)
+    version = store.publish(tiny_artifacts_dir, activate=True)
+    assert load_artifacts(settings, env).version == version
+    # One file changed and the manifest's checksum updated to match: every checksum passes.
+    edited = _copy(tiny_artifacts_dir, tmp_path / "edited")
+    features = json.loads((edited / "features.json").read_text())
+    features["features"][0]["fill_value"] += 1.0
+    (edited / "features.json").write_text(json.dumps(features))
+    _rehash(edited)
+    verify_manifest(edited)
+    for name in ("features.json", MANIFEST):
+        store.container.upload_blob(
+            f"{version}/{name}", (edited / name).read_bytes(), overwrite=True
+        )
+    fresh = Settings(**{**settings.__dict__, "model_cache_dir": tmp_path / "cache2"})
+    with pytest.raises(ModelError, match="manifest changed after it was activated"):
+        load_artifacts(fresh, env)
+    # Through the app: /api/health answers 503 with the reason, as for a bad checksum.
+    with TestClient(create_app(fresh, lambda: load_artifacts(fresh, env))) as client:
+        health = client.get("/api/health")
+    assert health.status_code == 503
+    assert "manifest changed after it was activated" in health.json()["reason"]
+    details = {e["version"]: e for e in store.describe()["versions"]}
+    assert details[version]["state"] == "changed" and details[version]["current"]
+    # A pin in the setting holds too: the right hash serves, another is refused.
+    digest = hashlib.sha256((tiny_artifacts_dir / MANIFEST).read_bytes()).hexdigest()
+    pinned = Settings(**{**fresh.__dict__, "model_version": f"{version}@sha256:{digest}"})
+    with pytest.raises(ModelError, match="manifest changed"):
+        load_artifacts(pinned, env)
+    edited_digest = hashlib.sha256((edited / MANIFEST).read_bytes()).hexdigest()
+    repinned = Settings(**{**fresh.__dict__, "model_version": f"{version}@sha256:{edited_digest}"})
+    assert load_artifacts(repinned, env).version == version  # an operator's explicit choice
+
+
+def test_versions_list_hashes_and_whether_they_match_what_was_published(
+    tmp_path: Path, azurite: str, tiny_artifacts_dir: Path
+) -> None:
+    _, store, _ = _store(tmp_path, azurite)
+    store.publish(tiny_artifacts_dir, version="v1", activate=True)
+    store.publish(tiny_artifacts_dir, version="v2")
+    digest = hashlib.sha256((tiny_artifacts_dir / MANIFEST).read_bytes()).hexdigest()
+    described = store.describe()
+    assert [(e["version"], e["state"], e["current"]) for e in described["versions"]] == [
+        ("v1", "ok", True),
+        ("v2", "ok", False),
+    ]
+    assert all(
+        e["manifest_sha256"] == e["published_sha256"] == digest for e in described["versions"]
+    )
+    manifest = json.loads((tiny_artifacts_dir / MANIFEST).read_text())
+    manifest["created_at"] = "changed"
+    store.container.upload_blob(f"v2/{MANIFEST}", json.dumps(manifest), overwrite=True)
+    assert {e["version"]: e["state"] for e in store.describe()["versions"]}["v2"] == "changed"
+
+
+# --- sets checked before they are published or served --------------------------------------------
+
+
+def _nan_threshold(source: Path, target: Path) -> Path:
+    folder = _copy(source, target)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["models"]["lightgbm"]["threshold"] = float("nan")
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    return folder
+
+
+def test_a_nan_threshold_is_refused_at_publish_and_at_load(
+    tmp_path: Path, azurite: str, tiny_artifacts_dir: Path
+) -> None:
+    settings, store, env = _store(tmp_path, azurite)
+    folder = _nan_threshold(tiny_artifacts_dir, tmp_path / "nan")
+    with pytest.raises(ModelError, match="must be probabilities"):
+        store.publish(folder, version="bad")
+    assert store.versions() == []
+    # Uploaded behind publish's back and activated by hand: the cold start refuses it.
+    store.container.create_container()
+    for name in [*json.loads((folder / MANIFEST).read_text())["files"], MANIFEST]:
+        store.container.upload_blob(f"bad/{name}", (folder / name).read_bytes(), overwrite=True)
+    store.activate("bad")
+    with pytest.raises(ModelError, match="must be probabilities"):
+        load_artifacts(settings, env)
+
+
+@pytest.mark.parametrize(
+    ("file", "key", "value", "message"),
+    [
+        ("scaler.npz", "scale", np.zeros(40), "scales positive"),
+        ("scaler.npz", "mean", np.full(40, np.inf), "must be finite"),
+        ("logistic_regression.npz", "coef", np.full(40, np.nan), "coefficients must be finite"),
+        ("logistic_regression.npz", "coef", np.ones(3), "expected 40 coefficients"),
+        ("lightgbm.npz", "value", None, "not finite"),
+        ("lightgbm.npz", "left", None, "point forward"),
+    ],
+)
+def test_out_of_range_numbers_and_broken_trees_are_refused(
+    tmp_path: Path, tiny_artifacts_dir: Path, file: str, key: str, value: Any, message: str
+) -> None:
+    folder = _copy(tiny_artifacts_dir, tmp_path / "set")
+    arrays = dict(np.load(folder / file))
+    if value is None and key == "value":
+        value = arrays["value"].copy()
+        value[3] = np.inf
+    elif value is None and key == "left":  # a cycle: an internal node's child is the root
+        value = arrays["left"].copy()
+        value[np.flatnonzero(value >= 0)[1]] = 0
+    arrays[key] = value
+    np.savez_compressed(folder / file, **arrays)
+    _rehash(folder)
+    with pytest.raises(ModelError, match=message):
+        ArtifactSet(folder)
+
+
+def test_an_npz_that_claims_gigabytes_is_refused_before_anything_is_inflated(
+    tmp_path: Path,
+) -> None:
+    """The header declares 2**40 float64 values; nothing near that is ever allocated."""
+    path = tmp_path / "bomb.npz"
+    header = np.lib.format.header_data_from_array_1_0(np.zeros(1))
+    header["shape"] = (2**40,)
+    with (
+        zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive,
+        archive.open("value.npy", "w") as out,
+    ):
+        np.lib.format.write_array_header_1_0(out, header)
+        out.write(b"\0" * (1 << 20))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ModelError, match="declares 8,796,093,022,208 bytes"):
+            load_arrays(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 1024 * 1024
+
+
+def test_an_npz_that_inflates_past_its_header_reads_only_what_it_declares(
+    tmp_path: Path,
+) -> None:
+    """A member whose data goes on far beyond its declared shape (a zip bomb behind a small
+    header): exactly the declared bytes are read."""
+    path = tmp_path / "long.npz"
+    header = np.lib.format.header_data_from_array_1_0(np.zeros(4))
+    with (
+        zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive,
+        archive.open("value.npy", "w") as out,
+    ):
+        np.lib.format.write_array_header_1_0(out, header)
+        for _ in range(64):  # 512 MB of zeros, a few hundred KB compressed
+            out.write(b"\0" * (8 << 20))
+    tracemalloc.start()
+    try:
+        arrays = load_arrays(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert arrays["value"].shape == (4,) and peak < 16 * 1024 * 1024
+
+
+def test_pickled_or_structured_members_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "objects.npz"
+    np.savez(path, value=np.array([object()], dtype=object))
+    with pytest.raises(ModelError, match="is not a number"):
+        load_arrays(path)
+
+
+def test_training_validates_before_it_writes(
+    synthetic_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A set that fails the validation never reaches the output folder."""
+    import detector.training.pipeline as pipeline
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("an earlier set")
+    monkeypatch.setattr(pipeline, "best_f1_threshold", lambda labels, scores: float("nan"))
+    with pytest.raises(ModelError, match="must be probabilities"):
+        pipeline.train(synthetic_dir, out, cv_folds=3, n_jobs=1, forest_params={"n_estimators": 5})
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out-staging")]
+
+
+# --- names ---------------------------------------------------------------------------------------
+
+BAD_NAMES = ["a\\b", "x" * 300, "v1\x1b[31m", "../v1", ".hidden", "a/b", "a b", "", "-v1", "v1?"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_invalid_version_names_are_refused_everywhere(
+    tmp_path: Path, azurite: str, tiny_artifacts_dir: Path, name: str
+) -> None:
+    _, store, _ = _store(tmp_path, azurite)
+    if name:  # an empty --version means "the manifest's own version"
+        with pytest.raises(ModelError, match="invalid model version"):
+            store.publish(tiny_artifacts_dir, version=name)
+    with pytest.raises(ModelError, match="invalid model version"):
+        store.activate(name)
+    if name:
+        with pytest.raises(ConfigError, match="PTD_MODEL_VERSION"):
+            Settings.from_env({"PTD_MODEL_VERSION": name})
+    assert store.versions() == []
+
+
+def test_a_nested_name_written_behind_the_store_is_not_a_version(
+    tmp_path: Path, azurite: str, tiny_artifacts_dir: Path
+) -> None:
+    _, store, _ = _store(tmp_path, azurite)
+    store.publish(tiny_artifacts_dir, version="ok")
+    store.container.upload_blob(f"a\\b/{MANIFEST}", b"{}")  # Blob Storage reads "\\" as "/"
+    assert store.versions() == ["ok"]
+    assert store.describe()["invalid_names"] == ["a/b"]
+
+
+# --- concurrent publishes ------------------------------------------------------------------------
+
+
+def test_two_publishers_of_one_version_never_leave_a_mixed_version(
+    tmp_path: Path, azurite: str, tiny_artifacts_dir: Path
+) -> None:
+    other = _copy(tiny_artifacts_dir, tmp_path / "other", created_at="another training")
+    features = json.loads((other / "features.json").read_text())
+    features["missing"] = "another text, so every file but the arrays differs"
+    (other / "features.json").write_text(json.dumps(features))
+    _rehash(other)
+    for attempt in range(4):
+        _, store, _ = _store(tmp_path / str(attempt), azurite)
+        start = threading.Barrier(2)
+        outcomes: dict[str, str] = {}
+
+        def publish(
+            label: str,
+            folder: Path,
+            start: threading.Barrier = start,
+            store: ModelStore = store,
+            outcomes: dict[str, str] = outcomes,
+        ) -> None:
+            start.wait()
+            try:
+                store.publish(folder, version="race")
+                outcomes[label] = "published"
+            except ModelError as exc:
+                outcomes[label] = str(exc)
+
+        threads = [
+            threading.Thread(target=publish, args=("a", tiny_artifacts_dir)),
+            threading.Thread(target=publish, args=("b", other)),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert list(outcomes.values()).count("published") == 1, outcomes
+        loser = next(v for v in outcomes.values() if v != "published")
+        assert "being published by someone else" in loser or "already exists" in loser
+        # The one version in the store is complete and consistent: every file its manifest's.
+        target = tmp_path / f"check-{attempt}"
+        target.mkdir()
+        manifest = json.loads(store.container.download_blob(f"race/{MANIFEST}").readall())
+        for name in [*manifest["files"], MANIFEST]:
+            (target / name).write_bytes(store.container.download_blob(f"race/{name}").readall())
+        verify_manifest(target)
+        ArtifactSet(target)
+
+
+# --- audit ---------------------------------------------------------------------------------------
+
+
+def test_publish_and_activate_write_audit_events_naming_who(
+    tmp_path: Path, azurite: str, tiny_artifacts_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, store, _ = _store(tmp_path, azurite)
+    monkeypatch.setenv("PTD_ACTOR", "github:octocat")
+    store.publish(tiny_artifacts_dir, version="v1", activate=True)
+    monkeypatch.delenv("PTD_ACTOR")
+    store.publish(tiny_artifacts_dir, version="v2", activate=True)
+    events = [
+        json.loads(store.container.download_blob(b.name).readall())
+        for b in store.container.list_blobs(name_starts_with="audit/")
+    ]
+    summary = [(e["event"], e["version"], e["previous"], e["actor"]) for e in events]
+    assert summary == [
+        ("model_published", "v1", None, "github:octocat"),
+        ("model_activated", "v1", None, "github:octocat"),
+        ("model_published", "v2", None, "shared key (connection string)"),
+        ("model_activated", "v2", "v1", "shared key (connection string)"),
+    ]
+    pointer = json.loads(store.container.download_blob(POINTER).readall())
+    assert pointer["activated_by"] == "shared key (connection string)"
+    assert pointer["previous"] == "v1" and pointer["previous_manifest_sha256"]
+
+
+# --- deploys respect operators -------------------------------------------------------------------
+
+
+def _publish_step(tmp_path: Path, azurite: str, container: str, **env: str) -> dict[str, str]:
+    """scripts/publish-model.sh, as the deploy workflow runs it, with the real `ptd`."""
+    environ = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("PTD_", "STORAGE"))},
+        "STORAGE": azurite,
+        "PTD_MODEL_CONTAINER": container,
+        "PTD": f"{sys.executable} -m detector",
+        "PUBLISH_ATTEMPTS": "1",
+        "RUNNER_TEMP": str(tmp_path),
+        "GITHUB_OUTPUT": str(tmp_path / "github_output"),
+        "PYTHONPATH": str(REPO),
+        **env,
+    }
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "publish-model.sh")],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    outputs = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+    written = (tmp_path / "github_output").read_text()
+    assert all(f"{k}={v}" in written for k, v in outputs.items())
+    return outputs
+
+
+def test_a_deploy_never_replaces_the_active_version_unless_asked(
+    tmp_path: Path, azurite: str, tiny_artifacts_dir: Path, bundled: ArtifactSet
+) -> None:
+    settings, store, _ = _store(tmp_path, azurite)
+    container = settings.model_container
+    # First deploy: nothing is active, the bundled version is activated.
+    first = _publish_step(tmp_path, azurite, container)
+    assert first["active"] == first["bundled"] == bundled.version and first["activated"] == "true"
+    # An operator rolls forward to another model.
+    store.publish(tiny_artifacts_dir, version="operator-choice", activate=True)
+    pointer = store.current()
+    # The next deploy publishes the bundled set again but leaves the operator's choice active,
+    # and fetches that set for the smoke test's golden scores.
+    again = _publish_step(tmp_path, azurite, container)
+    assert store.current() == pointer
+    assert (again["before"], again["active"], again["activated"]) == (
+        "operator-choice",
+        "operator-choice",
+        "false",
+    )
+    assert ArtifactSet(Path(again["model_dir"])).version == ArtifactSet(tiny_artifacts_dir).version
+    # Asked for explicitly (the workflow input), the bundled model is activated.
+    forced = _publish_step(tmp_path, azurite, container, ACTIVATE_BUNDLED_MODEL="true")
+    assert forced["active"] == bundled.version and forced["activated"] == "true"
+    assert forced["model_dir"] == ""
+    assert (store.current() or {})["previous"] == "operator-choice"
