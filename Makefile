@@ -50,7 +50,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 train: $(STAMP)
-	$(VENV)/bin/ptd train --data $(DATA) --out models_artifacts --baseline docs/baseline-20261127-edbd3118db.json
+	$(VENV)/bin/ptd train --data $(DATA) --out models_artifacts --baseline docs/baseline-20261127-edbd3118db.json --plots docs/model_card
 
 bench: $(STAMP) azurite
 	$(PY) -m benchmarks

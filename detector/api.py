@@ -159,6 +159,29 @@ class ModelUnavailable(Exception):
         self.retry_after = retry_after
 
 
+def _register_drift_gauges(holder: ModelHolder) -> None:
+    """`feature_psi{feature}` and `features_drifted`: this instance's last scored clients
+    against the training distribution (detector.drift.RollingDrift), read when metrics are."""
+
+    def read(which: str) -> list[tuple[dict[str, str], float]]:
+        artifacts = holder.artifacts
+        if artifacts is None:
+            return []
+        report = artifacts.rolling_drift.report()
+        version = {"model_version": artifacts.version}
+        if which == "features_drifted":
+            return (
+                [(version, float(len(report.get("drifted", []))))] if "features" in report else []
+            )
+        return [
+            ({"feature": name, **version}, float(entry["psi"]))
+            for name, entry in report.get("features", {}).items()
+        ]
+
+    METRICS.gauge("feature_psi", lambda: read("feature_psi"))
+    METRICS.gauge("features_drifted", lambda: read("features_drifted"))
+
+
 class ModelHolder:
     """Loads the artifact set once; on failure keeps the reason and retries with a backoff."""
 
@@ -486,6 +509,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.model_holder = holder
+    _register_drift_gauges(holder)
 
     async def require_key(request: Request) -> None:
         info = request_info.get()

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from detector import drift
 from detector.features import FEATURE_NAMES, FEATURES, compute_features
 from detector.model import ArtifactSet, Scores
 from detector.reasons import explain_rows
@@ -43,11 +44,13 @@ REJECT_COLUMNS = ("source", "row", "client_id", "reason")
 
 @dataclass
 class BatchResult:
-    """Scored clients, rejected rows with reasons, and a summary for humans and monitoring."""
+    """Scored clients, rejected rows with reasons, and a summary for humans and monitoring;
+    `drift_counts` (clients per reference bin of each feature) add up across partitions."""
 
     results: pd.DataFrame
     rejects: pd.DataFrame
     summary: dict[str, Any] = field(default_factory=dict)
+    drift_counts: list[np.ndarray] | None = None
 
 
 def is_features_table(columns: pd.Index) -> bool:
@@ -213,7 +216,13 @@ def score_frames(
         input_kind, input_rows = "invoices", len(table)
         ids_in = {str(c) for c in invoice_ids | client_ids}
     features_done = time.perf_counter()
-    scores = artifacts.score(features.to_numpy(dtype=np.float64), name, with_reasons)
+    matrix = features.to_numpy(dtype=np.float64)
+    drift_counts = (
+        drift.bin_counts(artifacts.drift_references, matrix)
+        if artifacts.drift_references is not None
+        else None
+    )
+    scores = artifacts.score(matrix, name, with_reasons)
     results = results_frame(features.index, scores, artifacts.typical)
     finished = time.perf_counter()
     ids_in.discard("")  # a row without a client id belongs to no client (its reject says so)
@@ -234,12 +243,13 @@ def score_frames(
         },
         "model": name,
         "model_version": artifacts.version,
+        "drift": drift.report(artifacts.drift_references, drift_counts),
         "seconds": {
             "features": round(features_done - started, 3),
             "scoring": round(finished - features_done, 3),
         },
     }
-    return BatchResult(results=results, rejects=rejects, summary=summary)
+    return BatchResult(results, rejects, summary, drift_counts)
 
 
 # -- streaming: files of any size in bounded memory -----------------------------------------------
@@ -459,6 +469,7 @@ def score_file(
         "rows_rejected": 0,
     }
     by_reason: dict[str, int] = {}
+    drift_counts: list[np.ndarray] | None = None
     seconds = {"read_and_partition": 0.0, "features": 0.0, "scoring": 0.0, "write": 0.0}
     out.parent.mkdir(parents=True, exist_ok=True)
     rejects_handle = None
@@ -510,6 +521,7 @@ def score_file(
                 if len(result.rejects):
                     _write_csv(result.rejects, rejects_file(), header=False)
                 summary = result.summary
+                drift_counts = drift.add_counts(drift_counts, result.drift_counts)
                 for key in totals:
                     totals[key] += summary[key]
                 for reason, count in summary["rows_rejected_by_reason"].items():
@@ -533,6 +545,7 @@ def score_file(
         "rows_rejected_by_reason": dict(sorted(by_reason.items())),
         "model": name,
         "model_version": artifacts.version,
+        "drift": drift.report(artifacts.drift_references, drift_counts),
         "partitions": n_partitions,
         "seconds": {key: round(value, 3) for key, value in seconds.items()},
     }

@@ -29,7 +29,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    """The same streaming path as the blob trigger: any file size in bounded memory."""
+    """The same streaming path as the blob trigger: any file size in bounded memory. Writes
+    RESULTS.csv, RESULTS.rejects.csv (when rows were rejected) and RESULTS.summary.json (the
+    summary the blob trigger writes to summary.json, drift included)."""
+    import json
+
     from detector.batch import score_file
     from detector.config import Settings
     from detector.model import ArtifactSet
@@ -45,6 +49,8 @@ def _score(args: argparse.Namespace) -> int:
         max_invoices_per_client=settings.max_invoices_per_customer,
     )
     summary = result.summary
+    summary_path = Path(args.out).with_name(Path(args.out).stem + ".summary.json")
+    summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     print(
         f"scored {summary['clients_scored']} clients with {summary['model']} "
         f"{summary['model_version']}: {summary['clients_flagged']} flagged "
@@ -58,6 +64,13 @@ def _score(args: argparse.Namespace) -> int:
             f"rejected {summary['rows_rejected']} rows ({reasons}); "
             f"{summary['clients_rejected']} clients not scored; each row with its reason "
             f"in {result.rejects_path}",
+            file=sys.stderr,
+        )
+    drifted = summary.get("drift", {}).get("drifted") or []
+    if drifted:
+        print(
+            f"drift: {len(drifted)} feature(s) far from the training data (PSI > "
+            f"{summary['drift']['threshold']}): {', '.join(drifted)}; see {summary_path}",
             file=sys.stderr,
         )
     return 0
@@ -171,6 +184,7 @@ def _train(args: argparse.Namespace) -> int:
         Path(args.out),
         cv_folds=args.folds,
         baseline=Path(args.baseline) if args.baseline else None,
+        plots=Path(args.plots) if args.plots else None,
     )
     for name, entry in results["models"].items():
         holdout = entry["holdout"]
@@ -204,6 +218,36 @@ def _select_features(args: argparse.Namespace) -> int:
         f"{report['chosen_size']}: {', '.join(report['chosen'])}; report in {args.out}",
         file=sys.stderr,
     )
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import json
+
+    from detector.training.compare import compare
+
+    result = compare(
+        Path(args.challenger),
+        Path(args.champion),
+        Path(args.invoices),
+        Path(args.clients),
+        Path(args.outcomes) if args.outcomes else None,
+        args.model,
+    )
+    print(result.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0 if result.promote else 1
+
+
+def _snapshot(args: argparse.Namespace) -> int:
+    import json
+
+    from detector.config import Settings
+    from detector.training.snapshot import take_snapshot
+
+    taken = take_snapshot(Path(args.out), Settings.from_env())
+    print(json.dumps(taken, indent=2))
     return 0
 
 
@@ -259,7 +303,27 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--baseline", help="JSON figures of the model this one replaces (for the model card)"
     )
+    train.add_argument("--plots", help="folder for the model card's pictures (SVG)")
     train.set_defaults(handler=_train)
+
+    compare = sub.add_parser(
+        "compare",
+        help="champion/challenger on labelled data: exit 0 promote the challenger, 1 keep",
+    )
+    compare.add_argument("challenger", help="the new artifact set (folder)")
+    compare.add_argument("champion", help="the served artifact set (folder; `ptd fetch`)")
+    compare.add_argument("--invoices", required=True, help="invoices of the labelled clients")
+    compare.add_argument("--clients", required=True, help="clients, with a `target` column")
+    compare.add_argument("--outcomes", help="inspection outcomes (labels, histories cut there)")
+    compare.add_argument("--model", choices=MODEL_NAMES, default=None)
+    compare.add_argument("--json", help="also write the comparison as JSON")
+    compare.set_defaults(handler=_compare)
+
+    snapshot = sub.add_parser(
+        "snapshot", help="download the training data of a retrain from the training container"
+    )
+    snapshot.add_argument("--out", required=True, help="folder to fill")
+    snapshot.set_defaults(handler=_snapshot)
 
     select = sub.add_parser(
         "select-features", help="rank the candidate features on the training split"

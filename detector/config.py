@@ -53,6 +53,7 @@ class Settings:
     model_version: str = ""  # PTD_MODEL_VERSION: pin a published version; empty = the pointer
     model_container: str = "models"  # PTD_MODEL_CONTAINER
     model_cache_dir: Path = DEFAULT_CACHE_DIR  # PTD_MODEL_CACHE_DIR
+    training_container: str = "training"  # PTD_TRAINING_CONTAINER (ptd snapshot, retraining)
     default_model: str = "lightgbm"  # PTD_DEFAULT_MODEL
     storage_connection: str = "STORAGE"  # name of the connection setting prefix (see store.py)
     batch_in_container: str = "batch-in"  # PTD_BATCH_IN_CONTAINER
@@ -93,6 +94,7 @@ class Settings:
             model_version=model_version,
             model_container=env.get("PTD_MODEL_CONTAINER", "models").strip() or "models",
             model_cache_dir=Path(env.get("PTD_MODEL_CACHE_DIR") or DEFAULT_CACHE_DIR),
+            training_container=env.get("PTD_TRAINING_CONTAINER", "training").strip() or "training",
             default_model=default_model,
             batch_in_container=env.get("PTD_BATCH_IN_CONTAINER", "batch-in").strip() or "batch-in",
             batch_out_container=env.get("PTD_BATCH_OUT_CONTAINER", "batch-out").strip()

@@ -506,6 +506,7 @@ def score_records(
     labels = {"model": model, "model_version": artifacts.version}
     METRICS.inc("predictions_total", outcome.scored, labels)
     METRICS.inc("predictions_flagged_total", outcome.flagged, labels)
+    artifacts.rolling_drift.add(scores.features)  # the drift metric (GET /api/metrics)
     return outcome
 
 

@@ -42,6 +42,7 @@ REQUEST_LOGGER = "detector.requests"
 AUDIT_LOGGER = "detector.audit"
 # Event names the alert rules in infra/modules/alerts.bicep query (tests/test_infra.py checks).
 EVENT_BATCH_FAILED = "batch_failed"
+EVENT_BATCH_DRIFT = "batch_drift"  # a scored batch file whose features drifted (PSI)
 EVENT_MODEL_LOAD_FAILED = "model_load_failed"
 
 # The correlation id of the request (or blob) being handled; "" outside of one.
@@ -277,6 +278,20 @@ def observe_blob_run(blob_name: str, run: Callable[[], dict[str, Any]]) -> dict[
         outcome = "skipped"
     else:
         outcome = "ok"
+        drifted = (report.get("drift") or {}).get("drifted") or []
+        if drifted:  # an alert rule queries this event (infra/modules/alerts.bicep)
+            psi = report["drift"]["features"]
+            log_event(
+                logger,
+                logging.WARNING,
+                {
+                    "event": EVENT_BATCH_DRIFT,
+                    "input_blob": blob_name,
+                    "drifted": drifted,
+                    "psi": {name: psi[name]["psi"] for name in drifted},
+                    "model_version": report.get("model_version"),
+                },
+            )
     audit(
         "batch_file",
         caller="blob-trigger",
@@ -326,6 +341,8 @@ class Metrics:
         self._lock = threading.Lock()
         self.counters: dict[str, dict[Labels, float]] = {}
         self.histograms: dict[str, dict[Labels, Histogram]] = {}
+        # Gauges are read when asked: name -> a function giving (labels, value) pairs.
+        self.gauges: dict[str, Callable[[], list[tuple[dict[str, str], float]]]] = {}
         self._meter: Any = None  # an OpenTelemetry Meter once enabled
         self._instruments: dict[str, Any] = {}
 
@@ -334,6 +351,27 @@ class Metrics:
         with self._lock:
             self._meter = meter
             self._instruments.clear()
+            gauges = list(self.gauges)
+        for name in gauges:
+            self._observe_gauge(name)
+
+    def gauge(self, name: str, read: Callable[[], list[tuple[dict[str, str], float]]]) -> None:
+        """Register (or replace) a gauge whose values `read` gives when metrics are read:
+        in /api/metrics, and by OpenTelemetry's periodic export (an observable gauge)."""
+        with self._lock:
+            new = name not in self.gauges
+            self.gauges[name] = read
+        if new and self._meter is not None:
+            self._observe_gauge(name)
+
+    def _observe_gauge(self, name: str) -> None:
+        from opentelemetry.metrics import Observation
+
+        def callback(options: Any) -> list[Any]:
+            read = self.gauges.get(name)
+            return [Observation(value, labels) for labels, value in (read() if read else [])]
+
+        self._meter.create_observable_gauge(name, callbacks=[callback])
 
     def _instrument(self, kind: str, name: str) -> Any:
         instrument = self._instruments.get(name)
@@ -395,12 +433,24 @@ class Metrics:
                     ]
                     for name, series in self.histograms.items()
                 },
-            }
+            } | {"gauges": self._read_gauges()}
+
+    def _read_gauges(self) -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = {}
+        for name, read in list(self.gauges.items()):
+            try:
+                values = read()
+            except Exception:  # a gauge must never break /api/metrics
+                logging.getLogger(LOGGER_NAME).debug("gauge %s could not be read", name)
+                continue
+            out[name] = [{"labels": dict(labels), "value": value} for labels, value in values]
+        return out
 
     def reset(self) -> None:
         with self._lock:
             self.counters.clear()
             self.histograms.clear()
+            self.gauges.clear()
 
 
 METRICS = Metrics()
@@ -428,6 +478,8 @@ _HELP = {
     "http_requests_total": "HTTP requests, by route and status.",
     "http_request_duration_ms": "HTTP request duration, milliseconds.",
     "rate_limited_total": "Requests answered 429 by the per-instance rate limit.",
+    "feature_psi": "PSI of each feature over this instance's last 10,000 scored clients.",
+    "features_drifted": "Features whose PSI is over the threshold (0.25) in that window.",
 }
 PROMETHEUS_PREFIX = "ptd_"
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -459,6 +511,12 @@ def prometheus_text(snapshot: dict[str, Any] | None = None) -> str:
         lines.append(f"# HELP {full} {_HELP.get(name, name)}")
         lines.append(f"# TYPE {full} counter")
         for entry in snap["counters"][name]:
+            lines.append(f"{full}{_label_text(entry['labels'])} {_number(entry['value'])}")
+    for name in sorted(snap.get("gauges", {})):
+        full = PROMETHEUS_PREFIX + name
+        lines.append(f"# HELP {full} {_HELP.get(name, name)}")
+        lines.append(f"# TYPE {full} gauge")
+        for entry in snap["gauges"][name]:
             lines.append(f"{full}{_label_text(entry['labels'])} {_number(entry['value'])}")
     for name in sorted(snap["histograms"]):
         full = PROMETHEUS_PREFIX + name

@@ -255,6 +255,7 @@ module storageRoles 'modules/storage-roles.bicep' = {
   params: {
     storageAccountName: storage.outputs.name
     modelsContainerName: storage.outputs.modelsContainerName
+    trainingContainerName: storage.outputs.trainingContainerName
     batchInContainerName: storage.outputs.batchInContainerName
     batchOutContainerName: storage.outputs.batchOutContainerName
     poisonQueueName: storage.outputs.poisonQueueName
@@ -431,6 +432,7 @@ output functionAppUrl string = 'https://${functionApp.outputs.defaultHostName}'
 output storageAccountName string = storage.outputs.name
 output storageBlobEndpoint string = storage.outputs.blobEndpoint
 output modelsContainerName string = storage.outputs.modelsContainerName
+output trainingContainerName string = storage.outputs.trainingContainerName
 output batchInContainerName string = storage.outputs.batchInContainerName
 output batchOutContainerName string = storage.outputs.batchOutContainerName
 output deadLetterContainerName string = storage.outputs.deadLetterContainerName

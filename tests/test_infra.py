@@ -45,7 +45,7 @@ MONITORING_METRICS_PUBLISHER = "3913510d-42f4-4e42-8a64-420c390055eb"
 # the models come from blob storage, not from a folder.
 LOCAL_ONLY_SETTINGS = {"PTD_API_KEYS", "PTD_MODEL_DIR"}
 # Read by the `ptd` model-store commands (the deploy workflow sets it), never by the app.
-CLI_ONLY_SETTINGS = {"PTD_ACTOR"}
+CLI_ONLY_SETTINGS = {"PTD_ACTOR", "PTD_TRAINING_CONTAINER"}
 # Assumed until detector/config.py exists (the list).
 FALLBACK_CODE_SETTINGS = {
     "PTD_MODEL_SOURCE",
@@ -82,7 +82,7 @@ FORBIDDEN_SETTINGS = {
     "APPINSIGHTS_INSTRUMENTATIONKEY",
 }
 # Events the app logs (detector/telemetry.py) that the log alerts look for.
-ALERT_EVENTS = ("batch_failed", "model_load_failed")
+ALERT_EVENTS = ("batch_failed", "model_load_failed", "batch_drift")
 # Outputs the deploy workflow needs, at least.
 REQUIRED_OUTPUTS = {
     "functionAppName",
@@ -562,6 +562,7 @@ def test_data_containers_versioning_and_soft_delete() -> None:
     names = {body(c)["name"] for c in containers.values()}
     assert names == {
         "modelsContainerName",
+        "trainingContainerName",
         "batchInContainerName",
         "batchOutContainerName",
         "deadLetterContainerName",
@@ -642,6 +643,8 @@ def test_app_roles_on_data_account_are_container_scoped_least_privilege() -> Non
         ("batchOut", "appPrincipalId"): {BLOB_DATA_CONTRIBUTOR},
         ("poisonQueue", "appPrincipalId"): {QUEUE_DATA_CONTRIBUTOR},
         ("models", "deployerPrincipalId"): {BLOB_DATA_CONTRIBUTOR},
+        # The scheduled retraining reads the training data (ptd snapshot).
+        ("training", "deployerPrincipalId"): {BLOB_DATA_CONTRIBUTOR},
         # The smoke test uploads a golden file to batch-in and reads (and deletes) its results.
         ("batchIn", "deployerPrincipalId"): {BLOB_DATA_CONTRIBUTOR},
         ("batchOut", "deployerPrincipalId"): {BLOB_DATA_CONTRIBUTOR},
@@ -652,10 +655,11 @@ def test_app_roles_on_data_account_are_container_scoped_least_privilege() -> Non
     )
     assert {body(c)["name"] for c in containers.values()} == {
         "modelsContainerName",
+        "trainingContainerName",
         "batchInContainerName",
         "batchOutContainerName",
     }
-    assert {"models", "batchIn", "batchOut"} <= set(containers)
+    assert {"models", "training", "batchIn", "batchOut"} <= set(containers)
     queues = resources_of(
         doc, "Microsoft.Storage/storageAccounts/queueServices/queues", existing=True
     )
@@ -679,7 +683,7 @@ def test_deployer_defaults_to_whoever_deploys() -> None:
     assert module_call("storageRoles")["params"]["deployerPrincipalId"] == "deployerPrincipalId"
     doc = module("storage-roles.bicep")
     deployer = [ra for ra in role_assignments(doc) if ra["principal"] == "deployerPrincipalId"]
-    assert len(deployer) == 3 and all(ra["conditional"] for ra in deployer)
+    assert len(deployer) == 4 and all(ra["conditional"] for ra in deployer)
     assert param_default(doc, "deployerPrincipalId") == ""  # the module still allows none
     # principalType: unset (null) by default so one template serves a GitHub service principal
     # and an azd user; a wrong principalType would fail the assignment.
@@ -788,9 +792,14 @@ def test_alerts_cover_the_four_conditions_and_notify() -> None:
     assert "countif(toint(resultCode) >= 500)" in queries["http5xx"], "5xx alert"
     assert "percentile(duration, 95)" in queries["p95Latency"], "p95 alert"
     variables = {k: v["value"] for k, v in doc["variables"].items()}
-    events = {variables["batchFailedEvent"], variables["modelLoadFailedEvent"]}
+    events = {
+        variables["batchFailedEvent"],
+        variables["modelLoadFailedEvent"],
+        variables["batchDriftEvent"],
+    }
     assert events == set(ALERT_EVENTS)
     assert '"batch_failed"' in queries["batchFailed"]
+    assert '"batch_drift"' in queries["batchDrift"]
     assert '"model_load_failed"' in queries["modelLoadFailed"]
     assert module_call("alerts")["params"]["alertEmail"] == "alertEmail"
 

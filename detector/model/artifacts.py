@@ -266,6 +266,14 @@ class ArtifactSet:
             ) from None
         if not (np.isfinite(self.fill_values).all() and np.isfinite(self.typical).all()):
             raise ModelError(f"{FEATURES_FILE}: fill and typical values must be finite")
+        from detector.drift import RollingDrift, load_references
+
+        try:
+            self.drift_references = load_references(self.features_meta, FEATURE_NAMES)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{FEATURES_FILE}: invalid drift reference: {exc}") from None
+        # What this instance scored lately against the training distribution (HTTP metric).
+        self.rolling_drift = RollingDrift(self.drift_references)
         scaler = _load_arrays(self.directory / SCALER_FILE)
         self.mean = scaler["mean"].astype(np.float64)
         self.scale = scaler["scale"].astype(np.float64)

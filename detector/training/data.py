@@ -23,6 +23,7 @@ from detector.schema import (
     prepare_invoices,
 )
 from detector.tables import read_table
+from detector.training.outcomes import before_inspection, merge_labels, read_outcomes
 
 
 def find_table(data_dir: Path, stem: str) -> Path:
@@ -55,34 +56,75 @@ class LabelledData:
         return self._views[key]
 
 
+def optional_table(data_dir: Path, stem: str) -> Path | None:
+    try:
+        return find_table(data_dir, stem)
+    except InputError:
+        return None
+
+
 def load_labelled(data_dir: Path) -> LabelledData:
-    """`clients_train` (with `target`) and `invoices_train` from DIR, Parquet or CSV.
+    """`clients_train` (with `target`) and `invoices_train` from DIR, Parquet or CSV, and
+    `outcomes` when present (training.outcomes: labels added or updated, histories cut at the
+    inspection). The summary is the data snapshot the manifest records: each file's SHA-256 and
+    rows, the outcomes, the date ranges.
 
     Raises InputError when a table is missing or carries no labels.
     """
     data_dir = Path(data_dir)
-    clients_path = find_table(data_dir, "clients_train")
-    invoices_path = find_table(data_dir, "invoices_train")
+    return load_labelled_files(
+        find_table(data_dir, "clients_train"),
+        find_table(data_dir, "invoices_train"),
+        optional_table(data_dir, "outcomes"),
+    )
+
+
+def load_labelled_files(
+    clients_path: Path, invoices_path: Path, outcomes_path: Path | None = None
+) -> LabelledData:
+    """`load_labelled` from named files (`ptd compare` names its evaluation set's files)."""
     fingerprint = hashlib.sha256()
-    for path in (clients_path, invoices_path):
-        fingerprint.update(f"{path.name}:{sha256_file(path)};".encode())
+    files: dict[str, dict[str, Any]] = {}
+    for path in (clients_path, invoices_path, outcomes_path):
+        if path is None:
+            continue
+        digest = sha256_file(path)
+        fingerprint.update(f"{path.name}:{digest};".encode())
+        files[path.name] = {"sha256": digest, "bytes": path.stat().st_size}
     raw_clients = read_table(clients_path, (*CLIENT_COLUMNS, "target"))
-    if "target" not in raw_clients.columns:
+    outcomes = read_outcomes(outcomes_path) if outcomes_path is not None else None
+    if "target" not in raw_clients.columns and outcomes is None:
         raise InputError(f"{clients_path}: no 'target' column with the fraud labels")
-    prepared = prepare_invoices(read_table(invoices_path, INVOICE_COLUMNS))
+    raw_invoices = read_table(invoices_path, INVOICE_COLUMNS)
+    prepared = prepare_invoices(raw_invoices)
     clients = prepare_clients(raw_clients)
-    target = pd.to_numeric(raw_clients["target"], errors="coerce")
+    target = pd.to_numeric(
+        raw_clients["target"] if "target" in raw_clients.columns else pd.Series(np.nan),
+        errors="coerce",
+    )
     by_client = pd.Series(
-        target.to_numpy(), index=raw_clients["client_id"].astype("string").str.strip()
+        target.reindex(raw_clients.index).to_numpy(),
+        index=raw_clients["client_id"].astype("string").str.strip(),
     )
     by_client = by_client[~by_client.index.duplicated()]
-    with_invoices = pd.Index(pd.unique(prepared.frame["client_id"]))
+    by_client = merge_labels(by_client, outcomes)
+    history = before_inspection(prepared.frame, outcomes)
+    with_invoices = pd.Index(pd.unique(history["client_id"]))
     labels = by_client.reindex(with_invoices.sort_values())
     labelled = labels.isin([0, 1]).to_numpy()
     labels = labels[labelled].astype(np.int64)
     labels.index.name = "client_id"
-    invoices = prepared.frame[prepared.frame["client_id"].isin(labels.index)].reset_index(drop=True)
+    invoices = history[history["client_id"].isin(labels.index)].reset_index(drop=True)
+    files[clients_path.name]["rows"] = len(raw_clients)
+    files[invoices_path.name]["rows"] = len(raw_invoices)
+    days = invoices["invoice_day"].to_numpy(dtype=np.float64)
     summary = {
+        "files": files,
+        "invoice_dates": (
+            [str(np.datetime64(int(days.min()), "D")), str(np.datetime64(int(days.max()), "D"))]
+            if len(days)
+            else [None, None]
+        ),
         "clients": len(raw_clients),
         "invoice_rows": len(prepared.frame) + len(prepared.rejects),
         "invoice_rows_rejected": len(prepared.rejects),
@@ -93,4 +135,10 @@ def load_labelled(data_dir: Path) -> LabelledData:
         "labelled_clients": len(labels),
         "fraud_rate": round(float(labels.mean()), 5) if len(labels) else 0.0,
     }
+    if outcomes is not None and outcomes_path is not None:
+        files[outcomes_path.name]["rows"] = outcomes.rows
+        summary["outcomes"] = {
+            **outcomes.summary(),
+            "invoice_rows_after_inspection_dropped": int(len(prepared.frame) - len(history)),
+        }
     return LabelledData(invoices, clients, labels, fingerprint.hexdigest(), summary)

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from detector import __version__
+from detector.drift import fit_reference
 from detector.features import FEATURE_NAMES, FEATURES
 from detector.features.views import EVALUATION_CUTS, view_name
 from detector.model import (
@@ -208,13 +209,17 @@ class Trainer:
         return CandidateResult(kind, strategy, views, out_of_fold, rounds, seconds)
 
 
-def _holdout_report(trainer: Trainer, model: Fitted, threshold: float) -> dict[str, dict[str, Any]]:
-    report = {}
+def _holdout_report(
+    trainer: Trainer, model: Fitted, threshold: float
+) -> tuple[dict[str, dict[str, Any]], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Metrics per view on the held-out clients, and their (labels, scores) for the plots."""
+    report, scored = {}, {}
     for m in EVALUATION_CUTS:
         x, y = trainer.rows(trainer.split.holdout, (m,))
         scores = model.predict(x, trainer.prep)
         report[view_name(m)] = evaluate(y, scores, threshold) if m == 0 else ranking(y, scores)
-    return report
+        scored[view_name(m)] = (y, scores)
+    return report, scored
 
 
 def train(
@@ -227,12 +232,15 @@ def train(
     boosting_params: dict[str, Any] | None = None,
     baseline: Path | None = None,
     strategies: tuple[str, ...] = tuple(STRATEGIES),
+    plots: Path | None = None,
 ) -> dict[str, Any]:
     """Train every family, write the artifact set to `out_dir`, return training_results.
 
     `baseline` is a JSON file with the figures of the model this one replaces (copied into the
-    results, for the model card's side-by-side table). Raises InputError when the data cannot
-    train (missing tables, too few clients of a label for the folds).
+    results, for the model card's side-by-side table); `plots`, a folder for the model card's
+    pictures of the default model (training.plots). Raises InputError when the data cannot
+    train (missing tables, too few clients of a label for the folds), ModelError when the set
+    would not pass serving's validation (nothing is written then).
     """
     started = time.perf_counter()
     data = load_labelled(Path(data_dir))
@@ -253,6 +261,7 @@ def train(
     ]
     results: dict[str, Any] = {"models": {}, "candidates": []}
     shipped: dict[str, tuple[Fitted, CandidateResult, float, list[float]]] = {}
+    holdout_scores: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     for kind in MODEL_KINDS:
         mine = [c for c in candidates if c.kind == kind]
         chosen = max(mine, key=lambda c: (c.prospective_auc, c.strategy == "augmented"))
@@ -266,6 +275,7 @@ def train(
             kind, trainer.split.train, STRATEGIES[chosen.strategy], params.get(kind), rounds
         )
         shipped[kind] = (final, chosen, threshold, cutoffs)
+        holdout, holdout_scores[kind] = _holdout_report(trainer, final, threshold)
         results["models"][kind] = {
             "params": params_of(final),
             "training_views": [view_name(m) for m in STRATEGIES[chosen.strategy]],
@@ -275,7 +285,7 @@ def train(
                 "views": chosen.views,
                 "out_of_fold": evaluate(y_oof, oof.to_numpy(), threshold),
             },
-            "holdout": _holdout_report(trainer, final, threshold),
+            "holdout": holdout,
             "train_seconds": round(time.perf_counter() - model_started + chosen.seconds, 1),
         }
         log.info(
@@ -297,12 +307,19 @@ def train(
                 "seconds": round(candidate.seconds, 1),
             }
         )
-    return _publish_locally(
+    written = _publish_locally(
         Path(out_dir),
         lambda staging: _write(
             staging, trainer, shipped, results, started, features_seconds, baseline
         ),
     )
+    if plots is not None:
+        from detector.training.plots import write_plots
+
+        write_plots(
+            Path(plots), written["model_version"], DEFAULT_MODEL, holdout_scores[DEFAULT_MODEL]
+        )
+    return written
 
 
 def _publish_locally(out_dir: Path, write: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
@@ -381,6 +398,9 @@ def _write(
         }
     full = trainer.views[0].loc[trainer.split.train].to_numpy(dtype=np.float64)
     typical = np.nanmedian(full, axis=0)
+    references = [
+        fit_reference(spec.name, spec.kind, full[:, i]) for i, spec in enumerate(FEATURES)
+    ]
     features_meta = {
         "features": [
             {
@@ -388,14 +408,21 @@ def _write(
                 "fill_value": float(fill),
                 # The typical client: the median, or for a categorical code the most common one.
                 "typical": float(fill if spec.kind == "categorical" else med),
+                # The training split's distribution, for drift (detector.drift).
+                "reference": reference.to_dict(),
             }
-            for spec, fill, med in zip(FEATURES, prep.fill_values, typical, strict=True)
+            for spec, fill, med, reference in zip(
+                FEATURES, prep.fill_values, typical, references, strict=True
+            )
         ],
         "missing": "the gradient-boosted model reads a missing value as unknown; the random "
         "forest and the logistic regression replace it by fill_value (the training split's "
         "median, or most common code)",
     }
     (out_dir / FEATURES_FILE).write_text(json.dumps(features_meta, indent=2) + "\n")
+    # The version names what is served: the arrays, the feature metadata, thresholds and bands.
+    content.update((out_dir / FEATURES_FILE).read_bytes())
+    content.update(json.dumps(manifest_models, sort_keys=True).encode())
     created = datetime.now(UTC)
     version = f"{created:%Y%m%d}-{content.hexdigest()[:10]}"
     data = trainer.data
@@ -443,6 +470,11 @@ def _write(
         "feature_names": list(FEATURE_NAMES),
         "models": manifest_models,
         "training_data_fingerprint": data.fingerprint,
+        "training_data": {
+            key: data.summary[key]
+            for key in ("files", "invoice_dates", "labelled_clients", "fraud_rate", "outcomes")
+            if key in data.summary
+        },
         "libraries": {
             "python": platform.python_version(),
             "detector": __version__,

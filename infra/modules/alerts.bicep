@@ -3,6 +3,7 @@
 //   - HTTP 5xx rate (percent of requests in a 5-minute bin with at least minRequests requests),
 //   - p95 request latency (same minimum),
 //   - failed batch runs (the app logs the event "batch_failed"),
+//   - batch files whose features drifted from the training data (PSI over 0.25: "batch_drift"),
 //   - cold-start model load failures (the app logs the event "model_load_failed"),
 //   - Event Grid: events dead-lettered, dropped, or failing delivery to the blob trigger's webhook
 //     (a 401/403 from the webhook, e.g. after the blobs_extension key rotated, is not retried).
@@ -56,6 +57,7 @@ param tags object = {}
 // Log event names the app emits (detector/telemetry.py); tests/test_infra.py checks they match.
 var batchFailedEvent = 'batch_failed'
 var modelLoadFailedEvent = 'model_load_failed'
+var batchDriftEvent = 'batch_drift'
 
 var eventQuery = 'union isfuzzy=true (traces | project timestamp, text = message, customDimensions), (exceptions | project timestamp, text = strcat(outerMessage, " ", tostring(customDimensions)), customDimensions) | where text contains "{0}" or tostring(customDimensions["event"]) == "{0}"'
 var http5xxQuery = 'requests | summarize total = count(), failed = countif(toint(resultCode) >= 500) by bin(timestamp, 5m) | where total >= {0} | extend failedPercent = 100.0 * failed / total'
@@ -207,6 +209,44 @@ resource batchFailed 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
       allOf: [
         {
           query: format(eventQuery, batchFailedEvent)
+          timeAggregation: 'Count'
+          operator: 'GreaterThan'
+          threshold: 0
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    autoMitigate: false
+    actions: {
+      actionGroups: [
+        actionGroup.id
+      ]
+    }
+  }
+}
+
+resource batchDrift 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
+  name: 'alert-${namePrefix}-batch-drift'
+  location: location
+  tags: tags
+  kind: 'LogAlert'
+  properties: {
+    displayName: '${namePrefix}: scored data drifted from the training data'
+    description: 'A batch file was scored whose features are far from the training distribution (the event "${batchDriftEvent}": PSI over 0.25; summary.json names the features). The scores may be less reliable: see RUNBOOKS, "Drift".'
+    severity: 2
+    enabled: true
+    evaluationFrequency: 'PT1H'
+    windowSize: 'PT1H'
+    scopes: [
+      appInsightsId
+    ]
+    criteria: {
+      allOf: [
+        {
+          query: format(eventQuery, batchDriftEvent)
           timeAggregation: 'Count'
           operator: 'GreaterThan'
           threshold: 0

@@ -2,7 +2,8 @@
 //   app identity: Blob Data Reader on `models` and `batch-in`, Blob Data Contributor on `batch-out`,
 //                 Queue Data Contributor on the blob trigger's poison queue only;
 //   deployer (whoever deploys: the GitHub OIDC principal or the azd user; optional): Blob Data
-//                 Contributor on `models` for `ptd publish` and `ptd activate`, and on `batch-in` and
+//                 Contributor on `models` for `ptd publish` and `ptd activate`, on `training` for the
+//                 scheduled retraining (ptd snapshot), and on `batch-in` and
 //                 `batch-out` for the post-deploy smoke test (it uploads one small file and reads,
 //                 then deletes, the results).
 
@@ -10,6 +11,7 @@
 param storageAccountName string
 
 param modelsContainerName string
+param trainingContainerName string
 param batchInContainerName string
 param batchOutContainerName string
 param poisonQueueName string
@@ -45,6 +47,11 @@ resource blobService 'Microsoft.Storage/storageAccounts/blobServices@2023-05-01'
 resource models 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' existing = {
   parent: blobService
   name: modelsContainerName
+}
+
+resource training 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' existing = {
+  parent: blobService
+  name: trainingContainerName
 }
 
 resource batchIn 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' existing = {
@@ -112,6 +119,16 @@ resource appPoisonQueueContributor 'Microsoft.Authorization/roleAssignments@2022
 resource deployerModelsContributor 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(deployerPrincipalId)) {
   name: guid(models.id, deployerPrincipalId, storageBlobDataContributor)
   scope: models
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageBlobDataContributor)
+    principalId: deployerPrincipalId
+    principalType: empty(deployerPrincipalType) ? null : deployerPrincipalType
+  }
+}
+
+resource deployerTrainingContributor 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(deployerPrincipalId)) {
+  name: guid(training.id, deployerPrincipalId, storageBlobDataContributor)
+  scope: training
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageBlobDataContributor)
     principalId: deployerPrincipalId

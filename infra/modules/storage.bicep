@@ -27,6 +27,9 @@ param sku string = 'Standard_LRS'
 @description('Container of the versioned model artifact sets and the pointer to the current one.')
 param modelsContainerName string = 'models'
 
+@description('Training data for scheduled retraining (ptd snapshot: latest/, outcomes/, evaluation/).')
+param trainingContainerName string = 'training'
+
 @description('Container the utilities drop billing exports into (Event Grid blob trigger source).')
 param batchInContainerName string = 'batch-in'
 
@@ -136,6 +139,16 @@ resource models 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-
     immutableStorageWithVersioning: {
       enabled: modelsImmutabilityDays > 0
     }
+  }
+}
+
+// What a scheduled retrain learns from: the utility's latest tables, its inspectors' outcome
+// files and a labelled evaluation set (detector/training/snapshot.py, docs/RUNBOOKS.md).
+resource training 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' = {
+  parent: blobService
+  name: trainingContainerName
+  properties: {
+    publicAccess: 'None'
   }
 }
 
@@ -277,6 +290,7 @@ output name string = account.name
 output blobEndpoint string = account.properties.primaryEndpoints.blob
 output queueEndpoint string = account.properties.primaryEndpoints.queue
 output modelsContainerName string = models.name
+output trainingContainerName string = training.name
 output batchInContainerName string = batchIn.name
 output batchOutContainerName string = batchOut.name
 output deadLetterContainerName string = deadLetter.name
