@@ -602,3 +602,19 @@ def test_runbook_erases_one_customer_from_batch_outputs(azurite: str, tmp_path: 
         assert after.decode() == "".join(kept)
     again = subprocess.run([PYTHON, str(script), victim], env=env, capture_output=True, text=True)
     assert again.returncode == 0 and victim not in again.stdout
+
+
+def test_model_card_pictures_are_the_bundled_models() -> None:
+    """The card shows the four pictures `make train` draws (training/plots.py), each titled
+    with the bundled model's version: a retrain that forgot to redraw them fails here."""
+    from detector.training.plots import FILES
+
+    version = json.loads((REPO / "models_artifacts" / "manifest.json").read_text())["model_version"]
+    card = (DOCS / "MODEL_CARD.md").read_text()
+    shown = re.findall(r"!\[[^\]]*\]\((model_card/[^)]+\.svg)\)", card)
+    assert sorted(shown) == sorted(f"model_card/{name}" for name in FILES)
+    for relative in shown:
+        svg = (DOCS / relative).read_text()
+        title = re.search(r"<title>([^<]*)</title>", svg)
+        assert title and title[1].endswith(f"model {version}"), relative
+        assert (DOCS / relative).stat().st_size < 64 * 1024, f"{relative} is too large"
