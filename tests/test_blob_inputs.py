@@ -1,11 +1,16 @@
 """Real exports and hostile input through the blob trigger (function_app.py, Azurite).
 
-Issue 13, the blob side, transfer integrity (class 1): a gzip-encoded export above the SDK's
-32 MiB single-GET size is read whole and scores exactly like the same data uploaded plain;
-`.csv.gz` and `.parquet.gz` uploaded as they are, too; a read that comes up short, or whose
-bytes do not match the blob's Content-MD5, is refused with an exception (the host retries, then
-poisons) and the `batch_failed` event, never scored; an over-limit, corrupt or otherwise
-encoded file gets error.json.
+Issue 13, the blob side:
+
+* transfer integrity (class 1): a gzip-encoded export above the SDK's 32 MiB single-GET size is
+  read whole and scores exactly like the same data uploaded plain; `.csv.gz` and `.parquet.gz`
+  uploaded as they are, too; a read that comes up short, or whose bytes do not match the blob's
+  Content-MD5, is refused with an exception (the host retries, then poisons) and the
+  `batch_failed` event, never scored; an over-limit, corrupt or otherwise encoded file gets
+  error.json;
+* outputs that never collide or go stale (class 7): `x.csv`, `x.parquet`, `x.txt`, `x` and
+  `x.csv.gz` each get their own folder; a run of an older version of a file never ends on top
+  of the run of its newer version, however the two interleave.
 
 Every test drives the trigger's user function with the `BlobClient` the Functions host builds
 (`host_blob_client`), as tests/test_blob_batch.py does.
@@ -20,6 +25,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
@@ -31,11 +37,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import detector.blob_batch as blob_batch
 from detector.blob_batch import TransferError, output_prefix
 from detector.config import Settings
 from tests.logs import attached
 from tests.synthetic import make_steg
-from tests.test_blob_batch import _csv, _parquet, host_blob_client
+from tests.test_blob_batch import _csv, _parquet, _results, host_blob_client
 
 pytestmark = [pytest.mark.azurite, pytest.mark.xdist_group("azurite")]
 MiB = 1024 * 1024
@@ -376,3 +383,169 @@ def test_gzip_over_the_limit_or_damaged_or_foreign_gets_error_json(
         _upload(name, content, content_settings=ContentSettings(**settings))
         _run(app_module, name)  # returns normally: an unusable file is not retried
         assert _error(name).startswith(expected[base]), (base, _error(name))
+
+
+# -- class 7: outputs that never collide or go stale ----------------------------------------------
+def _one_client(invoices: pd.DataFrame, client_id: str) -> pd.DataFrame:
+    frame = invoices[invoices["client_id"] == invoices["client_id"].iloc[0]].copy()
+    frame["client_id"] = client_id
+    return frame
+
+
+def test_inputs_differing_only_in_suffix_keep_their_own_outputs(
+    app_module: ModuleType, invoices: pd.DataFrame
+) -> None:
+    folder = _unique("same")
+    files = {
+        f"{folder}/x.csv": _csv(_one_client(invoices, "A1")),
+        f"{folder}/x.parquet": _parquet(_one_client(invoices, "B1")),
+        f"{folder}/x.txt": _csv(_one_client(invoices, "C1")),
+        f"{folder}/x": _csv(_one_client(invoices, "D1")),
+        f"{folder}/x.csv.gz": gzip.compress(_csv(_one_client(invoices, "E1"))),
+    }
+    for name, data in files.items():
+        _upload(name, data)
+        _run(app_module, name)
+    prefixes = {output_prefix(name) for name in files}
+    assert len(prefixes) == len(files)
+    for name in files:
+        assert output_prefix(name) == name
+        outputs = _outputs(name)
+        assert set(outputs) == {"results.csv", "summary.json"}, (name, sorted(outputs))
+        client = {"x.csv": "A1", "x.parquet": "B1", "x.txt": "C1", "x": "D1", "x.csv.gz": "E1"}
+        assert list(_results(outputs["results.csv"])["client_id"]) == [client[Path(name).name]]
+        assert json.loads(outputs["summary.json"])["input_blob"] == name
+
+
+class Interleave:
+    """Two versions of one input: v1's run is paused at a chosen point while v2 is uploaded and
+    scored, then v1's run goes on. Afterwards v2's outputs must be the ones in batch-out."""
+
+    def __init__(self, module: ModuleType, invoices: pd.DataFrame) -> None:
+        self.module = module
+        self.name = _unique("race/export") + ".csv"
+        self.v1 = _csv(_one_client(invoices, "OLD-1"))
+        self.v2 = _csv(pd.concat([_one_client(invoices, "NEW-1"), _one_client(invoices, "NEW-2")]))
+        self.v2_report: dict[str, Any] = {}
+        self.fired = False
+
+    def run_v2(self) -> None:
+        self.fired = True
+        try:
+            _upload(self.name, self.v2)
+            self.v2_report = self._process()
+        except BaseException as exc:  # seen by assert_v2_on_top, also from a thread
+            self.v2_report = {"raised": repr(exc)}
+            raise
+
+    def _process(self) -> dict[str, Any]:
+        from detector.telemetry import observe_blob_run
+
+        client = host_blob_client("batch-in", self.name)
+        return observe_blob_run(
+            self.name, lambda: blob_batch.process_blob(client, self.module.settings)
+        )
+
+    def run_v1(self) -> dict[str, Any]:
+        _upload(self.name, self.v1)
+        return self._process()
+
+    def assert_v2_on_top(self, v1_report: dict[str, Any]) -> None:
+        assert self.fired
+        assert "skipped" in v1_report and "before its outputs were written" in v1_report["skipped"]
+        outputs = _outputs(self.name)
+        assert set(outputs) == {"results.csv", "summary.json"}, sorted(outputs)
+        assert list(_results(outputs["results.csv"])["client_id"]) == ["NEW-1", "NEW-2"]
+        summary = json.loads(outputs["summary.json"])
+        current = _service().get_container_client("batch-in").get_blob_client(self.name)
+        assert summary["input_etag"] == current.get_blob_properties().etag
+        assert summary["input_etag"] == self.v2_report["input_etag"] != v1_report["input_etag"]
+        assert summary["clients_scored"] == 2
+
+
+def test_v2_scored_while_v1_scores_then_v1_finishes_v2_remains(
+    app_module: ModuleType, invoices: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    race = Interleave(app_module, invoices)
+    real_score = blob_batch.score_file
+
+    def score_then_v2(*args: Any, **kwargs: Any) -> Any:
+        result = real_score(*args, **kwargs)
+        if not race.fired:  # v1 has scored; before it writes, v2 arrives and is done
+            race.run_v2()
+        return result
+
+    monkeypatch.setattr(blob_batch, "score_file", score_then_v2)
+    race.assert_v2_on_top(race.run_v1())
+
+
+@pytest.mark.parametrize("output", ["results.csv", "summary.json"])
+def test_v2_written_between_v1_check_and_v1_write_stays_on_top(
+    app_module: ModuleType, invoices: pd.DataFrame, monkeypatch: pytest.MonkeyPatch, output: str
+) -> None:
+    """v1 observed the output and found its input current; then v2 is uploaded and completely
+    processed; then v1's write (conditional on what it observed) must be refused."""
+    race = Interleave(app_module, invoices)
+    upload_file, upload_json = blob_batch._upload_file, blob_batch._upload_json
+
+    def v2_first(real: Callable[..., None]) -> Callable[..., None]:
+        def upload(container: Any, name: str, *args: Any, **conditions: Any) -> None:
+            if name.endswith("/" + output) and not race.fired:
+                assert conditions, "an output write without a condition"
+                race.run_v2()
+            real(container, name, *args, **conditions)
+
+        return upload
+
+    monkeypatch.setattr(blob_batch, "_upload_file", v2_first(upload_file))
+    monkeypatch.setattr(blob_batch, "_upload_json", v2_first(upload_json))
+    race.assert_v2_on_top(race.run_v1())
+
+
+def test_newer_run_overwrites_what_the_older_wrote_in_between(
+    app_module: ModuleType, invoices: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other order: v2 observes results.csv, then v1 (still allowed: it checked before v2
+    was uploaded) writes it; v2's conditional write is refused, and v2 observes again and wins."""
+    race = Interleave(app_module, invoices)
+    upload_file = blob_batch._upload_file
+    v2_ready, v1_wrote = threading.Event(), threading.Event()
+    v2_thread: list[threading.Thread] = []
+    attempts: dict[str, int] = {"v2": 0}
+
+    def upload(container: Any, name: str, *args: Any, **conditions: Any) -> None:
+        is_results = name.endswith("/results.csv")
+        if threading.current_thread() in v2_thread and is_results:
+            attempts["v2"] += 1
+            if attempts["v2"] == 1:  # v2 has observed and checked: let v1 write first
+                v2_ready.set()
+                assert v1_wrote.wait(60)
+        elif is_results and not race.fired:
+            thread = threading.Thread(target=race.run_v2)
+            v2_thread.append(thread)
+            thread.start()
+            assert v2_ready.wait(120)
+            try:
+                upload_file(container, name, *args, **conditions)  # v1's write goes through
+            finally:
+                v1_wrote.set()
+            return
+        upload_file(container, name, *args, **conditions)
+
+    monkeypatch.setattr(blob_batch, "_upload_file", upload)
+    v1_report = race.run_v1()
+    v2_thread[0].join(120)
+    assert attempts["v2"] >= 2  # v2's first write was refused and retried
+    race.assert_v2_on_top(v1_report)
+
+
+def test_late_event_of_an_old_version_changes_nothing(
+    app_module: ModuleType, invoices: pd.DataFrame
+) -> None:
+    name = _unique("late/export") + ".csv"
+    _upload(name, _csv(_one_client(invoices, "OLD-1")))
+    _upload(name, _csv(_one_client(invoices, "NEW-1")))
+    _run(app_module, name)
+    before = _outputs(name)
+    _run(app_module, name)  # the first upload's event, delivered late
+    assert _outputs(name) == before
