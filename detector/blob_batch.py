@@ -13,6 +13,11 @@ Output layout. Each input blob has its own folder in `batch-out`, named by its w
     summary.json   counts, flagged rate, model and version, timings, the input's name and ETag
     error.json     instead of the three above when the file cannot be used at all
 
+Blob Storage caps a blob name at 1,024 characters and 254 path segments ("Naming and
+Referencing Containers, Blobs, and Metadata", Azure Storage REST reference). An input whose
+outputs would break either cap cannot have its own folder: it gets only `error.json`, under
+`batch-out/_long-names/<sha256 of the blob name, UTF-8, hex>/` (`output_prefix`), saying so.
+
 Transfer integrity. The stored bytes are downloaded as stored (`decompress=False`): the SDK's
 automatic decompression of `Content-Encoding: gzip` blobs works per HTTP response, and a blob
 above the single-GET size (32 MiB) is read in ranges that cannot be decompressed separately
@@ -73,6 +78,13 @@ SUMMARY = "summary.json"
 ERROR = "error.json"
 OUTPUTS = (RESULTS, REJECTS, SUMMARY, ERROR)
 DOWNLOAD_CONCURRENCY = 2
+# Blob Storage naming rules (Azure Storage REST reference, "Naming and Referencing Containers,
+# Blobs, and Metadata"): at most 1,024 characters, at most 254 path segments. Characters are
+# counted here as UTF-16 code units, as .NET and JavaScript strings count them (a character
+# outside the Basic Multilingual Plane counts twice); Azurite enforces neither limit.
+MAX_BLOB_NAME_CHARS = 1024
+MAX_PATH_SEGMENTS = 254
+LONG_NAMES = "_long-names"
 GZIP_ENCODINGS = ("gzip", "x-gzip")
 WRITE_ATTEMPTS = 5
 HASH_BUFFER_BYTES = 1 << 20
@@ -89,13 +101,46 @@ class _Superseded(Exception):
 
 
 # -- where the outputs go -------------------------------------------------------------------------
+def _name_chars(name: str) -> int:
+    """Length of a blob name in UTF-16 code units (what .NET and JavaScript count)."""
+    return len(name.encode("utf-16-le")) // 2
+
+
+def name_problem(blob_name: str) -> str | None:
+    """Why `blob_name` cannot have its own output folder in `batch-out`, or None when it can.
+
+    Its outputs are `<blob_name>/<file>`; the longest of them must fit Blob Storage's limits of
+    MAX_BLOB_NAME_CHARS characters and MAX_PATH_SEGMENTS path segments.
+    """
+    extra = max(len(f"/{output}") for output in OUTPUTS)  # "/summary.json"
+    chars = _name_chars(blob_name)
+    if chars + extra > MAX_BLOB_NAME_CHARS:
+        return (
+            f"the blob name is {chars} characters long; its outputs add {extra} and Blob "
+            f"Storage allows {MAX_BLOB_NAME_CHARS}: rename the file to at most "
+            f"{MAX_BLOB_NAME_CHARS - extra} characters"
+        )
+    segments = blob_name.count("/") + 1
+    if segments + 1 > MAX_PATH_SEGMENTS:
+        return (
+            f"the blob name has {segments} path segments; its outputs add one and Blob "
+            f"Storage allows {MAX_PATH_SEGMENTS}: move the file to a folder at most "
+            f"{MAX_PATH_SEGMENTS - 2} levels deep"
+        )
+    return None
+
+
 def output_prefix(blob_name: str) -> str:
     """The folder of the outputs of input blob `blob_name` in `batch-out`.
 
     `2025-01/invoices.csv` -> `2025-01/invoices.csv`: the whole name, so that inputs differing
-    only in their suffix never share outputs.
+    only in their suffix never share outputs. A name whose outputs would break Blob Storage's
+    naming limits (`name_problem`) -> `_long-names/<sha256 of the UTF-8 name, hex>`, which holds
+    only its error.json.
     """
-    return blob_name
+    if name_problem(blob_name) is None:
+        return blob_name
+    return f"{LONG_NAMES}/{hashlib.sha256(blob_name.encode('utf-8')).hexdigest()}"
 
 
 # -- small helpers --------------------------------------------------------------------------------
@@ -423,6 +468,10 @@ def process_blob(
 
     writer = _Outputs(out, client, prefix, name, etag)
     try:
+        problem = name_problem(name)
+        if problem is not None:
+            return _refuse(writer, identity, problem, model_version=None)
+
         if artifacts is None:
             from detector.store import shared_artifacts
 
