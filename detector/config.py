@@ -21,6 +21,12 @@ VERSION_RULE = "letters, digits, '.', '_' and '-', at most 64, starting with a l
 PIN_PATTERN = re.compile(r"(?P<version>[^@]*)(@sha256:(?P<sha256>[0-9a-f]{64}))?")
 # Functions instances may write only to the temp folder; the cache lives there.
 DEFAULT_CACHE_DIR = Path(tempfile.gettempdir()) / "ptd-models"
+# Largest output of one gzip file (`detector.compression.gunzip_to`). 4 GiB of CSV is about
+# 40 M invoice rows at ~100 bytes a row: 11 times the whole STEG history (3.6 M rows, scored in
+# about 11 s), so no real export comes near it, while a gzip bomb (1,000x and more) stops there.
+# The Bicep sets a lower value for Flex Consumption, whose instances have 0.8 GB of temporary
+# storage (docs/CONFIGURATION.md).
+DEFAULT_MAX_DECOMPRESSED_BYTES = 4 * 1024**3
 
 
 class ConfigError(ValueError):
@@ -61,6 +67,7 @@ class Settings:
     max_batch_records: int = 10_000  # PTD_MAX_BATCH_RECORDS
     max_invoices_per_customer: int = 2_000  # PTD_MAX_INVOICES_PER_CUSTOMER
     max_body_bytes: int = 50 * 1024 * 1024  # PTD_MAX_BODY_BYTES
+    max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED_BYTES  # PTD_MAX_DECOMPRESSED_BYTES
     rate_limit_per_minute: int = 0  # PTD_RATE_LIMIT_PER_MINUTE per caller; 0 = off
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # PTD_API_KEYS "name:key,..."
     cors_origins: tuple[str, ...] = ()  # PTD_CORS_ORIGINS comma-separated allowlist
@@ -102,6 +109,9 @@ class Settings:
             max_batch_records=_int(env, "PTD_MAX_BATCH_RECORDS", 10_000),
             max_invoices_per_customer=_int(env, "PTD_MAX_INVOICES_PER_CUSTOMER", 2_000),
             max_body_bytes=_int(env, "PTD_MAX_BODY_BYTES", 50 * 1024 * 1024),
+            max_decompressed_bytes=_int(
+                env, "PTD_MAX_DECOMPRESSED_BYTES", DEFAULT_MAX_DECOMPRESSED_BYTES
+            ),
             rate_limit_per_minute=_int(env, "PTD_RATE_LIMIT_PER_MINUTE", 0, minimum=0),
             api_keys=_list(env, "PTD_API_KEYS"),
             cors_origins=_list(env, "PTD_CORS_ORIGINS"),

@@ -168,6 +168,10 @@ param maxInvoicesPerCustomer int = 2000
 @minValue(1)
 param maxBodyBytes int = 52428800
 
+@description('PTD_MAX_DECOMPRESSED_BYTES: largest output of one gzip batch file; a gzip that inflates beyond it gets error.json. 384 MiB: a Flex Consumption instance has 0.8 GB of temporary storage for the download, the decompressed file and its partitions (about 1.4 times the decompressed size at the peak).')
+@minValue(1)
+param maxDecompressedBytes int = 402653184
+
 @description('PTD_RATE_LIMIT_PER_MINUTE: requests per caller and minute; 0 turns the limit off.')
 @minValue(0)
 param rateLimitPerMinute int = 0
@@ -359,6 +363,7 @@ module functionApp 'modules/function-app.bicep' = {
     maxBatchRecords: maxBatchRecords
     maxInvoicesPerCustomer: maxInvoicesPerCustomer
     maxBodyBytes: maxBodyBytes
+    maxDecompressedBytes: maxDecompressedBytes
     rateLimitPerMinute: rateLimitPerMinute
     corsOrigins: corsOrigins
     logLevel: logLevel

@@ -5,8 +5,9 @@ policy ran out, or at once for a 400/401/403/413) as JSON into the data account'
 container (`eventgrid-deadletter`). Each names a file in `batch-in` by its subject
 (`/blobServices/default/containers/batch-in/blobs/<name>`). For each such file this script:
 
-* skips it when `batch-out/<path>/<name>/summary.json` (or `error.json`) already carries the
-  file's current ETag (a later delivery or a re-upload scored it);
+* skips it when `batch-out/<path>/<name>.<ext>/summary.json` (or `error.json`; the folder is
+  `detector.blob_batch.output_prefix`) already carries the file's current ETag (a later
+  delivery or a re-upload scored it);
 * reports it when the file is gone (deleted, or removed by the retention rule);
 * otherwise re-uploads the file's own bytes (only if nobody changed it since it was read): a new
   ETag and a new BlobCreated event, which the trigger scores like any upload;

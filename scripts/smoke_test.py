@@ -12,9 +12,10 @@ Grid subscription are in place:
 3. `POST /api/predict` of one golden client's invoices must give its expected probability.
 4. The golden file is uploaded to `batch-in/smoke/<run>/golden_invoices.csv`; the Event Grid
    subscription must deliver it to `score_batch_blob` (which proves the subscription, the
-   webhook key and the trigger's roles), whose `batch-out/smoke/<run>/golden_invoices/`
-   results must hold every golden client with its expected probability. Inputs and outputs
-   are deleted afterwards.
+   webhook key and the trigger's roles), whose results in
+   `batch-out/smoke/<run>/golden_invoices.csv/` (the input's blob name is the folder:
+   `detector.blob_batch.output_prefix`) must hold every golden client with its expected
+   probability. Inputs and outputs are deleted afterwards.
 
 Probabilities match to 1e-6 (batch results are rounded to 6 decimals). Storage is reached with
 the same connection settings as `ptd` (STORAGE__blobServiceUri and az login, or STORAGE).
@@ -187,9 +188,10 @@ def check_batch(
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
     """Upload the golden file to batch-in and wait for score_batch_blob's outputs in batch-out."""
-    stem = golden.stem
+    from detector.blob_batch import output_prefix
+
     input_name = f"smoke/{run_id}/{golden.name}"
-    prefix = f"smoke/{run_id}/{stem}/"
+    prefix = f"{output_prefix(input_name)}/"
     source = service.get_container_client(batch_in)
     target = service.get_container_client(batch_out)
     source.upload_blob(input_name, golden.read_bytes(), overwrite=True)

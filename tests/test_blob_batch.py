@@ -336,10 +336,12 @@ def test_deleted_blob_is_skipped(app_module: ModuleType, invoices: pd.DataFrame)
     assert _outputs(output_prefix(name)) == {}
 
 
-def test_output_prefix() -> None:
-    assert output_prefix("export.csv") == "export"
-    assert output_prefix("utility/2026/11/export.v2.parquet") == "utility/2026/11/export.v2"
+def test_output_prefix_is_the_whole_blob_name() -> None:
+    assert output_prefix("export.csv") == "export.csv"
+    assert output_prefix("utility/2026/11/export.v2.parquet") == "utility/2026/11/export.v2.parquet"
     assert output_prefix("no-suffix") == "no-suffix"
+    names = ["same/x.csv", "same/x.parquet", "same/x.txt", "same/x", "same/x.csv.gz"]
+    assert len({output_prefix(n) for n in names}) == len(names)
 
 
 # -- large files: streaming equals in-memory ------------------------------------------------------

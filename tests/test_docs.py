@@ -563,9 +563,9 @@ def test_runbook_erases_one_customer_from_batch_outputs(azurite: str, tmp_path: 
         container.create_container()
     prefix = f"erase-test-{tmp_path.name}"
     originals = {
-        f"{prefix}/2025-01/invoices/results.csv": out.read_bytes(),
-        f"{prefix}/2025-01/invoices/rejects.csv": result.rejects_path.read_bytes(),
-        f"{prefix}/2025-01/invoices/summary.json": b'{"clients_scored": 60}',
+        f"{prefix}/2025-01/invoices.csv/results.csv": out.read_bytes(),
+        f"{prefix}/2025-01/invoices.csv/rejects.csv": result.rejects_path.read_bytes(),
+        f"{prefix}/2025-01/invoices.csv/summary.json": b'{"clients_scored": 60}',
     }
     for name, data in originals.items():
         container.upload_blob(name, data, overwrite=True)

@@ -235,12 +235,12 @@ KILL_SCRIPT = textwrap.dedent(
     connection, name, artifacts = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     upload_json = blob_batch._upload_json
 
-    def upload_then_die(container, blob_name, value):
+    def upload_then_die(container, blob_name, value, **conditions):
         if blob_name.endswith("/" + blob_batch.SUMMARY):
             # results.csv is written; the worker dies before the summary (the "done" marker).
             print("killing myself before", blob_name, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
-        upload_json(container, blob_name, value)
+        upload_json(container, blob_name, value, **conditions)
 
     blob_batch._upload_json = upload_then_die
     client = BlobClient.from_connection_string(connection, "batch-in", name)

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from detector.blob_batch import output_prefix
 from scripts.replay_dead_letters import blob_of, replay
 from tests.azurite import free_port
 
@@ -51,7 +52,10 @@ def test_replay_reuploads_unscored_files_and_skips_the_rest(containers: Any) -> 
     for name in ("pending.csv", "done.csv"):
         c["in"].upload_blob(name, b"client_id,invoice_date\n1,2020-01-01\n")
     done_etag = c["in"].get_blob_client("done.csv").get_blob_properties().etag
-    c["out"].upload_blob("done/summary.json", json.dumps({"input_etag": done_etag}))
+    # The trigger's own layout: batch-out/<input blob name>/summary.json.
+    c["out"].upload_blob(
+        f"{output_prefix('done.csv')}/summary.json", json.dumps({"input_etag": done_etag})
+    )
     pending_before = c["in"].get_blob_client("pending.csv").get_blob_properties().etag
     c["dl"].upload_blob(
         "evgt/batch-in-to-score-batch-blob/2026/11/30/12/a.json",

@@ -88,6 +88,7 @@ param batchOutContainerName string = 'batch-out'
 param maxBatchRecords int = 10000
 param maxInvoicesPerCustomer int = 2000
 param maxBodyBytes int = 52428800
+param maxDecompressedBytes int = 402653184
 param rateLimitPerMinute int = 0
 param corsOrigins string = ''
 param logLevel string = 'INFO'
@@ -207,6 +208,7 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     PTD_MAX_BATCH_RECORDS: string(maxBatchRecords)
     PTD_MAX_INVOICES_PER_CUSTOMER: string(maxInvoicesPerCustomer)
     PTD_MAX_BODY_BYTES: string(maxBodyBytes)
+    PTD_MAX_DECOMPRESSED_BYTES: string(maxDecompressedBytes)
     PTD_RATE_LIMIT_PER_MINUTE: string(rateLimitPerMinute)
     PTD_CORS_ORIGINS: corsOrigins
     PTD_LOG_LEVEL: logLevel
