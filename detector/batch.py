@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 
 from detector import drift
+from detector.compression import gunzip_to, is_gzip
+from detector.config import DEFAULT_MAX_DECOMPRESSED_BYTES
 from detector.features import FEATURE_NAMES, FEATURES, compute_features
 from detector.model import ArtifactSet, Scores
 from detector.reasons import explain_rows
@@ -433,6 +435,7 @@ def score_file(
     with_reasons: bool = True,
     workdir: Path | None = None,
     max_invoices_per_client: int = DEFAULT_MAX_INVOICES_PER_CLIENT,
+    max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED_BYTES,
 ) -> FileResult:
     """Score a CSV or Parquet file of invoice rows (or a features table) in bounded memory.
 
@@ -441,7 +444,10 @@ def score_file(
     none). Every client id of the inputs is in one of them: `clients_in` = `clients_scored` +
     `clients_rejected` in the summary. A client's rows past `max_invoices_per_client` are
     rejected (the first ones in the file are scored). Text cells are written spreadsheet-safe
-    (`tables.spreadsheet_safe`). Raises InputError when the file cannot be used at all.
+    (`tables.spreadsheet_safe`). A gzip file (`x.csv.gz`, `x.parquet.gz`, or any name whose
+    bytes start 1f 8b) is first decompressed into the working folder by
+    `compression.gunzip_to`, refused past `max_decompressed_bytes` (PTD_MAX_DECOMPRESSED_BYTES).
+    Raises InputError when the file cannot be used at all.
     """
     import tempfile
 
@@ -449,6 +455,52 @@ def score_file(
     path, out = Path(path), Path(out)
     rejects_out = Path(rejects_out) if rejects_out else out.with_name(out.stem + ".rejects.csv")
     name = artifacts.resolve(model)
+    with tempfile.TemporaryDirectory(prefix="ptd-score-", dir=workdir) as tmp:
+        path = _plain(path, Path(tmp), max_decompressed_bytes)
+        if clients_path is not None:
+            clients_path = _plain(Path(clients_path), Path(tmp), max_decompressed_bytes)
+        return _score_plain_file(
+            path,
+            artifacts,
+            out,
+            rejects_out,
+            clients_path,
+            name,
+            with_reasons,
+            Path(tmp),
+            max_invoices_per_client,
+            started,
+        )
+
+
+def _plain(path: Path, tmp: Path, max_bytes: int) -> Path:
+    """`path` itself, or its decompressed copy in `tmp` when its bytes are gzip. The copy keeps
+    the inner name (`x.csv.gz` -> `x.csv`) because `tables.file_format` goes by the suffix."""
+    if not path.is_file() or not is_gzip(path):  # a missing file is tables.open_table's error
+        return path
+    inner = path.name[: -len(".gz")] if path.name.lower().endswith(".gz") else path.name
+    target = tmp / "plain" / inner
+    target.parent.mkdir(exist_ok=True)
+    if target.exists():  # the clients file has the same name as the invoices file
+        target = tmp / "plain-clients" / inner
+        target.parent.mkdir(exist_ok=True)
+    gunzip_to(path, target, max_bytes, name=path.name)
+    return target
+
+
+def _score_plain_file(
+    path: Path,
+    artifacts: ArtifactSet,
+    out: Path,
+    rejects_out: Path,
+    clients_path: Path | None,
+    name: str,
+    with_reasons: bool,
+    tmp: Path,
+    max_invoices_per_client: int,
+    started: float,
+) -> FileResult:
+    """`score_file` once its inputs are plain CSV or Parquet files."""
     source = open_table(path, READ_COLUMNS)
     columns = source.columns
     check_columns(columns, source.describe())
@@ -481,11 +533,8 @@ def score_file(
             pd.DataFrame(columns=list(REJECT_COLUMNS)).to_csv(rejects_handle, index=False)
         return rejects_handle
 
-    with (
-        tempfile.TemporaryDirectory(prefix="ptd-score-", dir=workdir) as tmp,
-        out.open("w", newline="", encoding="utf-8") as results_handle,
-    ):
-        parts = _write_partitions(source, Path(tmp), n_partitions, max_invoices_per_client)
+    with out.open("w", newline="", encoding="utf-8") as results_handle:
+        parts = _write_partitions(source, tmp, n_partitions, max_invoices_per_client)
         if parts.rows == 0:
             raise InputError(f"{path.name}: the file has no data rows")
         seconds["read_and_partition"] = time.perf_counter() - started

@@ -499,6 +499,8 @@ def process_blob(
                     workdir / RESULTS,
                     rejects_out=workdir / REJECTS,
                     workdir=workdir,
+                    max_invoices_per_client=settings.max_invoices_per_customer,
+                    max_decompressed_bytes=settings.max_decompressed_bytes,
                 )
             except InputError as exc:
                 reason = str(exc)

@@ -47,6 +47,7 @@ def _score(args: argparse.Namespace) -> int:
         clients_path=Path(args.clients) if args.clients else None,
         model=args.model,
         max_invoices_per_client=settings.max_invoices_per_customer,
+        max_decompressed_bytes=settings.max_decompressed_bytes,
     )
     summary = result.summary
     summary_path = Path(args.out).with_name(Path(args.out).stem + ".summary.json")

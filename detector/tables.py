@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from detector.compression import GZIP_MAGIC
 from detector.schema import InputError
 
 if TYPE_CHECKING:
     import pandas as pd
 
 PARQUET_MAGIC = b"PAR1"
-GZIP_MAGIC = b"\x1f\x8b"
 CSV_SUFFIXES = (".csv", ".txt", ".tsv", "")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 SEPARATORS = (",", ";", "\t", "|")
@@ -86,9 +86,7 @@ def file_format(path: Path) -> str:
     with path.open("rb") as handle:
         sample = handle.read(4096)
     if sample[:2] == GZIP_MAGIC:
-        raise InputError(
-            f"{path.name}: gzip-compressed; decompress it first (or let `ptd score` do it)"
-        )
+        raise InputError(f"{path.name}: gzip-compressed; decompress it first")
     if suffix in PARQUET_SUFFIXES or sample[:4] == PARQUET_MAGIC:
         return "parquet"
     if suffix in CSV_SUFFIXES:

@@ -608,22 +608,10 @@ def _list_id_parquet(invoices: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
-def _arrow_errors() -> tuple[type[BaseException], ...]:
-    import pyarrow as pa
-
-    return (TypeError, pa.ArrowException)
-
-
-@pytest.mark.xfail(
-    raises=_arrow_errors(),
-    strict=False,
-    reason="until batch.score_file refuses non-scalar client ids with InputError (issue 13, "
-    "class 8, batch.py branch): today it raises from pyarrow and the host retries the blob",
-)
 def test_parquet_with_list_client_ids_gets_error_json(
     app_module: ModuleType, invoices: pd.DataFrame
 ) -> None:
     name = _unique("listids/export") + ".parquet"
     _upload(name, _list_id_parquet(invoices))
     _run(app_module, name)
-    assert "client_id" in _error(name)
+    assert "'client_id' holds list<" in _error(name)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -356,3 +357,66 @@ def test_summary_says_how_a_csv_was_read(
     assert summary["csv_dialect"] == {"separator": "|", "encoding": "utf-8"}
     assert json.dumps(summary)  # JSON-ready, as summary.json
     assert np.isfinite(summary["flagged_rate"])
+
+
+# --- class 1 (ptd score): gzip files ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["csv.gz", "parquet.gz", "gzip named .csv"])
+def test_a_gzip_file_scores_like_the_plain_file(
+    export: tuple[pd.DataFrame, pd.DataFrame],
+    tiny_artifacts: ArtifactSet,
+    tmp_path: Path,
+    kind: str,
+) -> None:
+    import gzip
+
+    clients, invoices = export
+    plain = tmp_path / ("x.parquet" if kind == "parquet.gz" else "x.csv")
+    if kind == "parquet.gz":
+        invoices.to_parquet(plain, index=False)
+    else:
+        _write(invoices, plain)
+    clients_plain = _write(clients, tmp_path / "x.clients.csv")
+    packed = tmp_path / "packed" / (plain.name + ".gz" if kind != "gzip named .csv" else plain.name)
+    packed.parent.mkdir()
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    clients_packed = packed.parent / "x.clients.csv.gz"
+    clients_packed.write_bytes(gzip.compress(clients_plain.read_bytes()))
+
+    want, _, want_summary = scored(plain, tiny_artifacts, tmp_path, clients=clients_plain)
+    work = tmp_path / "work"
+    work.mkdir()
+    got, _, got_summary = scored(
+        packed, tiny_artifacts, packed.parent, clients=clients_packed, workdir=work
+    )
+    pd.testing.assert_frame_equal(got, want)
+    assert got_summary["input_rows"] == want_summary["input_rows"] == len(invoices)
+    assert got_summary["input_format"] == want_summary["input_format"]
+    assert not list(work.iterdir()), "the decompressed copies go with the working folder"
+
+
+def test_a_gzip_bomb_is_refused_in_one_line(tmp_path: Path) -> None:
+    import zlib
+
+    bomb = tmp_path / "bomb.csv.gz"
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)  # wbits 31: a gzip member
+    header = b"client_id,invoice_date,consommation_level_1\n"
+    with bomb.open("wb") as handle:
+        handle.write(compressor.compress(header))
+        block = b"0" * (1 << 20)
+        for _ in range(64):  # 64 MiB of zeros, under 100 KB packed
+            handle.write(compressor.compress(block))
+        handle.write(compressor.flush())
+    done = subprocess.run(
+        [sys.executable, "-m", "detector", "score", str(bomb), "--out", str(tmp_path / "r.csv")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        env={**os.environ, "PTD_MAX_DECOMPRESSED_BYTES": str(8 << 20)},
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert "bomb.csv.gz: decompresses to more than 8388608 bytes" in done.stderr
+    assert not (tmp_path / "r.csv").exists()
