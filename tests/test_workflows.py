@@ -850,6 +850,7 @@ def test_dockerignore_keeps_the_build_context_to_what_the_image_needs() -> None:
         "models_artifacts",
     } <= allowed
     assert "models_artifacts/*.joblib" in lines
+    assert "models_artifacts/*.txt" in lines  # LightGBM's text model: a reference too
     for excluded in ("tests", ".venv", "requirements-dev.txt", "docs", "infra", ".git"):
         assert excluded not in allowed
 
@@ -987,3 +988,40 @@ def test_healthcheck_asks_health_with_the_key(
     finally:
         server.shutdown()
     assert seen == ["k1"]
+
+
+def test_every_package_leaves_out_exactly_the_model_references() -> None:
+    """The deploy package, the container image and `func publish` (.funcignore) ship the files
+    serving loads and none of the training libraries' references (1.3 MB of LightGBM text
+    model and 5.8 MB of pickles that a cold start would never read)."""
+    import fnmatch
+    import json
+    import re
+
+    from detector.model.artifacts import serving_files
+
+    manifest = json.loads((ROOT / "models_artifacts" / "manifest.json").read_text())
+    serving = set(serving_files(manifest))
+    references = set(manifest["files"]) - serving
+    assert references, "the bundled set has references to leave out"
+    deploy = (ROOT / ".github" / "workflows" / "deploy.yml").read_text()
+    removed = re.search(r"rm -f (dist/app/models_artifacts/\S+(?: \S+)*)", deploy)
+    assert removed
+    patterns = {
+        "deploy.yml": [p.removeprefix("dist/app/models_artifacts/") for p in removed[1].split()],
+        ".dockerignore": [
+            line.strip().removeprefix("models_artifacts/")
+            for line in (ROOT / ".dockerignore").read_text().splitlines()
+            if line.strip().startswith("models_artifacts/")
+        ],
+        ".funcignore": [
+            line.strip().removeprefix("models_artifacts/")
+            for line in (ROOT / ".funcignore").read_text().splitlines()
+            if line.strip().startswith(("models_artifacts/", "*."))
+        ],
+    }
+    for where, globs in patterns.items():
+        left_out = {
+            name for name in manifest["files"] if any(fnmatch.fnmatch(name, g) for g in globs)
+        }
+        assert left_out == references, where
