@@ -13,19 +13,28 @@ The domain side of the HTTP API, with no HTTP in it (`detector.api` is the app):
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NotRequired
 
 import numpy as np
-from pydantic import AfterValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    WithJsonSchema,
+)
 from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 
 from detector.config import Settings
 from detector.features import FEATURE_NAMES, FEATURES, FeatureSpec
 from detector.model import ArtifactSet
 from detector.reasons import explain_dicts
+from detector.schema import DATE_WINDOW, MAX_YEAR, MIN_YEAR
 from detector.telemetry import METRICS
 
 # --- request schema ----------------------------------------------------------------------------
@@ -42,6 +51,29 @@ def _bounded(name: str) -> Any:
 
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"\S")]
 Code = Annotated[int, Field(ge=-INT64, le=INT64)]
+
+# Invoice dates, checked while the record is validated so that a placeholder date (9999-12-31,
+# 0001-01-01, "today") is reported in field order, before the errors of the fields after it,
+# and at the cost of a regular expression (pydantic-core's Rust engine) per row. The rule is
+# `schema.prepare_invoices`'s (yyyy-mm-dd within MIN_YEAR..MAX_YEAR), which still runs on every
+# row the pattern lets through; the pattern only refuses what that rule refuses too
+# (tests/test_api_dates.py checks it against the schema on generated strings): around the date
+# it lets anything but ASCII digits through (the schema strips whitespace), and a year written
+# with a non-ASCII digit (which pandas reads, e.g. Arabic-Indic digits) is left to the schema.
+_OTHER_DIGIT = r"[\d--0-9]"  # a decimal digit that is not ASCII (Rust regex class difference)
+_YEAR = "|".join(
+    [
+        *(str(year) for year in range(MIN_YEAR, MAX_YEAR + 1)),
+        rf"{_OTHER_DIGIT}\d{{3}}",
+        rf"[0-9]{_OTHER_DIGIT}\d{{2}}",
+        rf"[0-9]{{2}}{_OTHER_DIGIT}\d",
+        rf"[0-9]{{3}}{_OTHER_DIGIT}",
+    ]
+)
+PLAUSIBLE_DATE = rf"^[^0-9]*(?:{_YEAR})-\d{{2}}-\d{{2}}[^0-9]*$"
+INVOICE_DATE_FORMAT = "invalid invoice_date: expected yyyy-mm-dd"
+INVOICE_DATE_WINDOW = f"invalid invoice_date: outside {DATE_WINDOW}"
+_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 def _integer_code(value: float) -> float:
@@ -88,7 +120,14 @@ class Invoice(TypedDict):
     __pydantic_config__ = STRICT  # type: ignore[misc]
 
     client_id: NotRequired[Annotated[str, Field(max_length=128)]]
-    invoice_date: Annotated[str, Field(max_length=32, description="yyyy-mm-dd")]
+    invoice_date: Annotated[
+        str,
+        Field(max_length=32, pattern=PLAUSIBLE_DATE),
+        # The documented rule, not the Rust pattern (whose syntax JSON Schema does not have).
+        WithJsonSchema(
+            {"type": "string", "maxLength": 32, "description": f"yyyy-mm-dd, {DATE_WINDOW}"}
+        ),
+    ]
     tarif_type: Code
     counter_number: Code
     counter_statue: Annotated[int | str, Field(description="meter status; 0 = working")]
@@ -236,10 +275,17 @@ class RecordError:
         return out
 
 
+def _date_message(value: Any) -> str:
+    """The schema's reason for an invoice date the plausibility pattern refused."""
+    if isinstance(value, str) and _ISO_DATE.fullmatch(value.strip()):
+        return f"invoice rejected: {INVOICE_DATE_WINDOW}"
+    return f"invoice rejected: {INVOICE_DATE_FORMAT}"
+
+
 def _from_validation(exc: ValidationError, prefix: str) -> RecordError:
     details = []
     seen = set()
-    for err in exc.errors(include_url=False, include_input=False):
+    for err in exc.errors(include_url=False):
         location = join_location(prefix, format_location(err["loc"]))
         if location in seen:
             continue
@@ -249,6 +295,8 @@ def _from_validation(exc: ValidationError, prefix: str) -> RecordError:
             message = f"unknown field {str(err['loc'][-1])!r}"
         elif err["type"] == "missing":
             message = f"missing required field {str(err['loc'][-1])!r}"
+        elif err["type"] == "string_pattern_mismatch" and err["loc"][-1] == "invoice_date":
+            message = _date_message(err.get("input"))
         details.append({"location": location, "message": message, "type": err["type"]})
     first = details[0]
     code = "unknown_field" if first["type"] == "extra_forbidden" else "invalid_value"

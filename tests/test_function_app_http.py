@@ -200,3 +200,70 @@ def test_function_uses_the_host_trace_context(invoke: Any) -> None:
     assert response.status_code == 200
     assert response.headers["x-correlation-id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
     assert json.loads(response.get_body())["status"] == "ok"
+
+
+# --- issue 13 through the Functions entry point --------------------------------------------------
+
+HISTORY_ROW = {
+    "invoice_date": "2015-03-01",
+    "tarif_type": 11,
+    "counter_number": 12345,
+    "counter_statue": 0,
+    "counter_code": 203,
+    "reading_remarque": 8,
+    "consommation_level_1": 350,
+    "consommation_level_2": 20.5,
+    "consommation_level_3": 0,
+    "consommation_level_4": 0,
+    "months_number": 4,
+    "counter_type": "ELEC",
+}
+
+
+def _call(
+    invoke: Any, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+) -> func.HttpResponse:
+    request = func.HttpRequest(
+        method=method, url=f"http://localhost{path}", headers=headers or {}, body=body
+    )
+    response: func.HttpResponse = invoke(request)
+    return response
+
+
+def _error(response: func.HttpResponse) -> dict[str, Any]:
+    error: dict[str, Any] = json.loads(response.get_body())["error"]
+    return error
+
+
+@pytest.mark.parametrize(
+    "date", ["9999-12-31", "0001-01-01", "1000-01-01", "3016-01-01", "today", "2100-01-01"]
+)
+def test_function_refuses_placeholder_dates_naming_the_field(invoke: Any, date: str) -> None:
+    rows = [HISTORY_ROW, {**HISTORY_ROW, "invoice_date": date}]
+    single = _call(
+        invoke,
+        "POST",
+        "/api/predict",
+        _body({"customer_id": "c", "invoices": rows}),
+        {"content-type": "application/json"},
+    )
+    assert single.status_code == 422
+    assert _error(single)["location"] == "invoices[1].invoice_date"
+    assert _error(single)["code"] == "invalid_value"
+    batch = _call(
+        invoke,
+        "POST",
+        "/api/predict_batch",
+        _body(
+            {
+                "records": [
+                    {"customer_id": "a", "invoices": [HISTORY_ROW]},
+                    {"customer_id": "b", "invoices": rows},
+                ]
+            }
+        ),
+        {"content-type": "application/json"},
+    )
+    results = json.loads(batch.get_body())["results"]
+    assert "theft_probability" in results[0]
+    assert results[1]["error"]["location"] == "records[1].invoices[1].invoice_date"
