@@ -74,6 +74,11 @@ PLAUSIBLE_DATE = rf"^[^0-9]*(?:{_YEAR})-\d{{2}}-\d{{2}}[^0-9]*$"
 INVOICE_DATE_FORMAT = "invalid invoice_date: expected yyyy-mm-dd"
 INVOICE_DATE_WINDOW = f"invalid invoice_date: outside {DATE_WINDOW}"
 _ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+# Fields of each object of a record; an object with many more keys than these is refused with
+# its first unknown key before pydantic (which would build one error per unknown key): see
+# `_shape_error`.
+RECORD_FIELDS = ("customer_id", "features", "invoices", "client")
+EXTRA_KEYS_REPORTED = 20  # as many unknown keys as `details` can list
 
 
 def _integer_code(value: float) -> float:
@@ -167,7 +172,9 @@ class HistoryRecord(TypedDict):
     __pydantic_config__ = STRICT  # type: ignore[misc]
 
     customer_id: Id
-    invoices: Annotated[list[Invoice], Field(min_length=1)]
+    # fail_fast: validation stops at the first bad row, so a record of 2,000 bad rows costs
+    # one row's errors, not 24,000 error objects (pydantic >= 2.8, "fail_fast" on sequences).
+    invoices: Annotated[list[Invoice], Field(min_length=1, fail_fast=True)]
     client: NotRequired[Client | None]
 
 
@@ -230,10 +237,21 @@ class BatchResponse(TypedDict):
     failed: int
 
 
-_FEATURES_LIST = TypeAdapter(list[FeaturesRecord])
+# The lists fail fast: the first bad record ends the group call, which is then redone record by
+# record to place every error.
+_FEATURES_LIST = TypeAdapter(Annotated[list[FeaturesRecord], Field(fail_fast=True)])
 _FEATURES_ONE = TypeAdapter(FeaturesRecord)
-_HISTORY_LIST = TypeAdapter(list[HistoryRecord])
+_HISTORY_LIST = TypeAdapter(Annotated[list[HistoryRecord], Field(fail_fast=True)])
 _HISTORY_ONE = TypeAdapter(HistoryRecord)
+_INVOICE_FIELDS = frozenset(Invoice.__annotations__)
+_CLIENT_FIELDS = frozenset(Client.__annotations__)
+_FEATURE_FIELDS = frozenset(FEATURE_NAMES)
+_RECORD_FIELDS = frozenset(RECORD_FIELDS)
+# More keys than this in an object: refused before validation (`_shape_error`).
+_RECORD_WIDTH = len(_RECORD_FIELDS) + EXTRA_KEYS_REPORTED
+_FEATURES_WIDTH = len(_FEATURE_FIELDS) + EXTRA_KEYS_REPORTED
+_CLIENT_WIDTH = len(_CLIENT_FIELDS) + EXTRA_KEYS_REPORTED
+_INVOICE_WIDTH = len(_INVOICE_FIELDS) + EXTRA_KEYS_REPORTED
 _UNION_TAGS = frozenset({"int", "str", "float", "none", "bool"})
 
 
@@ -285,6 +303,8 @@ def _date_message(value: Any) -> str:
 def _from_validation(exc: ValidationError, prefix: str) -> RecordError:
     details = []
     seen = set()
+    # Few errors by construction: lists fail fast, objects with many unknown keys are refused
+    # before validation (`_shape_error`).
     for err in exc.errors(include_url=False):
         location = join_location(prefix, format_location(err["loc"]))
         if location in seen:
@@ -319,6 +339,38 @@ class Outcome:
     flagged: int = 0
 
 
+def _unknown_key(obj: dict[str, Any], known: frozenset[str], location: str) -> RecordError:
+    first = next(key for key in obj if key not in known)
+    return RecordError("unknown_field", f"unknown field {first!r}", join_location(location, first))
+
+
+def _shape_error(obj: dict[str, Any], prefix: str) -> RecordError | None:
+    """An object of the record with far more keys than it has fields, refused with its first
+    unknown key before validation: strict validation builds one error per unknown key, and a
+    body can hold millions. The check is a `len()` per object (`max(map(len, ...))` over the
+    rows); only a refused object is scanned, to its first unknown key."""
+    if len(obj) > _RECORD_WIDTH:
+        return _unknown_key(obj, _RECORD_FIELDS, prefix)
+    features = obj.get("features")
+    if type(features) is dict and len(features) > _FEATURES_WIDTH:
+        return _unknown_key(features, _FEATURE_FIELDS, join_location(prefix, "features"))
+    client = obj.get("client")
+    if type(client) is dict and len(client) > _CLIENT_WIDTH:
+        return _unknown_key(client, _CLIENT_FIELDS, join_location(prefix, "client"))
+    invoices = obj.get("invoices")
+    if type(invoices) is list and invoices:
+        try:
+            widest = max(map(len, invoices))
+        except TypeError:  # a row without a length (a number, null): pydantic says which
+            return None
+        if widest > _INVOICE_WIDTH:
+            for j, row in enumerate(invoices):
+                if type(row) is dict and len(row) > _INVOICE_WIDTH:
+                    where = join_location(prefix, f"invoices[{j}]")
+                    return _unknown_key(row, _INVOICE_FIELDS, where)
+    return None
+
+
 def _classify(obj: Any, prefix: str, max_invoices: int) -> str | RecordError:
     if not isinstance(obj, dict):
         return RecordError("invalid_type", "a record must be a JSON object", prefix or "body")
@@ -330,7 +382,7 @@ def _classify(obj: Any, prefix: str, max_invoices: int) -> str | RecordError:
             join_location(prefix, "features"),
         )
     if has_features:
-        return "features"
+        return _shape_error(obj, prefix) or "features"
     if has_invoices:
         invoices = obj["invoices"]
         if isinstance(invoices, list):
@@ -346,7 +398,7 @@ def _classify(obj: Any, prefix: str, max_invoices: int) -> str | RecordError:
                     f"{len(invoices)} invoices for one customer; the limit is {max_invoices}",
                     join_location(prefix, "invoices"),
                 )
-        return "history"
+        return _shape_error(obj, prefix) or "history"
     return RecordError(
         "missing_field",
         "a record needs 'features' or 'invoices'",
