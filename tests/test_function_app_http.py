@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import importlib
 import importlib.util
 import json
 import sys
 import types
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -267,3 +269,71 @@ def test_function_refuses_placeholder_dates_naming_the_field(invoke: Any, date: 
     results = json.loads(batch.get_body())["results"]
     assert "theft_probability" in results[0]
     assert results[1]["error"]["location"] == "records[1].invoices[1].invoice_date"
+
+
+def test_function_answers_head_like_get_without_a_body(invoke: Any) -> None:
+    get = _call(invoke, "GET", "/api/health")
+    head = _call(invoke, "HEAD", "/api/health")
+    assert head.status_code == get.status_code == 200
+    assert head.get_body() == b""
+    assert head.headers["content-length"] == str(len(get.get_body()))
+    assert head.headers["content-type"] == get.headers["content-type"]
+
+
+def test_function_answers_a_trailing_slash_without_redirect(invoke: Any) -> None:
+    response = _call(invoke, "GET", "/api/health/", headers={"host": "evil.example"})
+    assert response.status_code == 200
+    assert "location" not in response.headers
+    assert json.loads(response.get_body())["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("headers", "transform"),
+    [
+        ({}, lambda b: b"\xef\xbb\xbf" + b),
+        ({"content-encoding": "gzip"}, gzip.compress),
+        ({"content-encoding": "deflate"}, zlib.compress),
+    ],
+)
+def test_function_reads_bom_and_encoded_bodies(
+    invoke: Any, reference: TestClient, headers: dict[str, str], transform: Any
+) -> None:
+    body = _body({"customer_id": "c1", "features": FEATURES_BODY})
+    expected = reference.post(
+        "/api/predict", content=body, headers={"content-type": "application/json"}
+    ).json()
+    response = _call(
+        invoke,
+        "POST",
+        "/api/predict",
+        transform(body),
+        {"content-type": "application/json", **headers},
+    )
+    assert response.status_code == 200, response.get_body()[:300]
+    assert json.loads(response.get_body()) == expected
+
+
+def test_function_refuses_unknown_codings_and_bombs(invoke: Any) -> None:
+    body = _body({"customer_id": "c1", "features": FEATURES_BODY})
+    br = _call(
+        invoke,
+        "POST",
+        "/api/predict",
+        body,
+        {"content-type": "application/json", "content-encoding": "br"},
+    )
+    assert br.status_code == 415
+    assert _error(br)["location"] == "header.content-encoding"
+    assert br.headers["accept-encoding"] == "gzip, deflate"
+    limit = Settings.from_env().max_body_bytes
+    bomb = gzip.compress(bytes(limit + 1), 9)
+    assert len(bomb) < limit // 100
+    refused = _call(
+        invoke,
+        "POST",
+        "/api/predict",
+        bomb,
+        {"content-type": "application/json", "content-encoding": "gzip"},
+    )
+    assert refused.status_code == 413
+    assert _error(refused)["code"] == "body_too_large"
