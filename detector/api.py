@@ -44,7 +44,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from detector.config import MODEL_NAMES, ConfigError, Settings
 from detector.features import FEATURE_NAMES, FEATURES
-from detector.limits import RateLimiter
+from detector.limits import BodyBudget, BudgetFull, RateLimiter, Reservation
 from detector.model import ArtifactSet, ModelError
 from detector.records import (
     BatchRequest,
@@ -94,6 +94,10 @@ SCORING_ROUTES = frozenset({"/api/predict", "/api/predict_batch"})
 OPEN_ROUTES = frozenset({"/api/health", "/api/openapi.json", "/api/docs"})
 # Above this many records a batch is validated and scored in a worker thread, off the event loop.
 THREAD_THRESHOLD = 64
+# A scoring request waits this long (seconds) for room among the bodies in work, then is refused
+# with 503 and Retry-After (RETRY_AFTER_OVERLOADED seconds). A worst-case body takes ~2 s.
+ADMISSION_WAIT_SECONDS = 30.0
+RETRY_AFTER_OVERLOADED = 5
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -276,6 +280,13 @@ class BodyPlan:
     def __init__(self, coding: str | None, declared: int | None) -> None:
         self.coding = coding
         self.declared = declared
+
+    def reserve(self, limit: int) -> int:
+        """Bytes to reserve before reading: the declared size when it is the size that will be
+        parsed, else the limit (chunked or encoded: the decoded size is known only once read)."""
+        if self.coding is None and self.declared is not None:
+            return min(self.declared, limit)
+        return limit
 
 
 def body_plan(request: Request, limit: int) -> BodyPlan:
@@ -653,11 +664,15 @@ def create_app(
     artifacts_loader: Callable[[], ArtifactSet] | None = None,
     *,
     retry_backoff: tuple[float, float] = (2.0, 60.0),
+    admission_wait: float = ADMISSION_WAIT_SECONDS,
 ) -> FastAPI:
-    """The HTTP app. `artifacts_loader` replaces `detector.store.load_artifacts` (tests)."""
+    """The HTTP app. `artifacts_loader` replaces `detector.store.load_artifacts` (tests);
+    `admission_wait` is how long, in seconds, a scoring request waits for room in the budget of
+    bodies in work (`PTD_MAX_INFLIGHT_BODY_BYTES`) before it is refused with 503."""
     settings = settings or Settings.from_env()
     configure_logging(settings)
     keys = _parse_keys(settings.api_keys)
+    budget = BodyBudget(max(settings.max_inflight_body_bytes, settings.max_body_bytes))
     limiter = (
         RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None
     )
@@ -741,6 +756,24 @@ def create_app(
                 f"model not available: {exc.reason}",
                 None,
                 headers={"retry-after": str(max(1, math.ceil(exc.retry_after)))},
+            ) from None
+
+    async def admit(plan: BodyPlan) -> Reservation:
+        """Room for this body among the bodies in work (`BodyBudget`), to release when the
+        request is done; 503 `overloaded` with Retry-After when there is none within
+        `admission_wait`."""
+        try:
+            return await budget.acquire(plan.reserve(settings.max_body_bytes), admission_wait)
+        except BudgetFull as full:
+            METRICS.inc("requests_overloaded_total")
+            raise ApiError(
+                503,
+                "overloaded",
+                f"this instance is working on {full.in_use} bytes of request bodies and this one "
+                f"may need {full.wanted} (at most {full.capacity} at once); retry after the "
+                "number of seconds in Retry-After",
+                None,
+                headers={"retry-after": str(RETRY_AFTER_OVERLOADED)},
             ) from None
 
     def chosen_model(artifacts: ArtifactSet, request: Request) -> str:
@@ -910,7 +943,10 @@ def create_app(
                 ),
                 "422": _error_ref("invalid input; location names the field"),
                 "429": _error_ref("over the per-caller rate limit; see Retry-After"),
-                "503": _error_ref("the model is not available"),
+                "503": _error_ref(
+                    "the model is not available, or the instance is busy with other large "
+                    "bodies (overloaded); see Retry-After"
+                ),
             },
         }
 
@@ -925,8 +961,16 @@ def create_app(
         artifacts = await artifacts_or_503()
         name = chosen_model(artifacts, request)
         plan = body_plan(request, settings.max_body_bytes)
-        body = parse_json(await read_body(request, plan, settings.max_body_bytes))
-        outcome = score_records([body], artifacts, name, settings, lambda i: "")
+        reservation = await admit(plan)
+        try:
+            raw = await read_body(request, plan, settings.max_body_bytes)
+            reservation.shrink(len(raw))  # chunked or encoded: now the size is known
+            body = parse_json(raw)
+            del raw
+            outcome = score_records([body], artifacts, name, settings, lambda i: "")
+            del body
+        finally:
+            reservation.release()
         info = request_info.get()
         if info is not None:
             info.update(customers=1, model=name, model_version=artifacts.version)
@@ -955,8 +999,15 @@ def create_app(
         artifacts = await artifacts_or_503()
         name = chosen_model(artifacts, request)
         plan = body_plan(request, settings.max_body_bytes)
-        body = parse_json(await read_body(request, plan, settings.max_body_bytes))
-        return await score_batch(body, artifacts, name)
+        reservation = await admit(plan)
+        try:
+            raw = await read_body(request, plan, settings.max_body_bytes)
+            reservation.shrink(len(raw))  # chunked or encoded: now the size is known
+            body = parse_json(raw)
+            del raw
+            return await score_batch(body, artifacts, name)
+        finally:
+            reservation.release()
 
     async def score_batch(body: Any, artifacts: ArtifactSet, name: str) -> Response:
         if not isinstance(body, dict):

@@ -15,6 +15,11 @@ BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models_artifacts"
 MODEL_NAMES = ("lightgbm", "random_forest", "logistic_regression")
 # Functions instances may write only to the temp folder; the cache lives there.
 DEFAULT_CACHE_DIR = Path(tempfile.gettempdir()) / "ptd-models"
+# Request bodies: the largest one, and the sum an instance parses and scores at once. Parsing
+# costs up to ~23 bytes of memory per body byte (docs/OPERATIONS.md, "Memory"), so 24 MiB in
+# work keeps the worker under 1 GB on a 2,048 MB Flex Consumption instance.
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_INFLIGHT_BODY_BYTES = 24 * 1024 * 1024
 
 
 class ConfigError(ValueError):
@@ -53,7 +58,9 @@ class Settings:
     batch_out_container: str = "batch-out"  # PTD_BATCH_OUT_CONTAINER
     max_batch_records: int = 10_000  # PTD_MAX_BATCH_RECORDS
     max_invoices_per_customer: int = 2_000  # PTD_MAX_INVOICES_PER_CUSTOMER
-    max_body_bytes: int = 50 * 1024 * 1024  # PTD_MAX_BODY_BYTES
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # PTD_MAX_BODY_BYTES (decoded size)
+    # PTD_MAX_INFLIGHT_BODY_BYTES: bodies in work at once; at least max_body_bytes
+    max_inflight_body_bytes: int = DEFAULT_MAX_INFLIGHT_BODY_BYTES
     rate_limit_per_minute: int = 0  # PTD_RATE_LIMIT_PER_MINUTE per caller; 0 = off
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # PTD_API_KEYS "name:key,..."
     cors_origins: tuple[str, ...] = ()  # PTD_CORS_ORIGINS comma-separated allowlist
@@ -74,6 +81,13 @@ class Settings:
                 f"setting PTD_DEFAULT_MODEL={default_model!r} must be one of "
                 f"{', '.join(MODEL_NAMES)}"
             )
+        max_body = _int(env, "PTD_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES)
+        inflight = _int(env, "PTD_MAX_INFLIGHT_BODY_BYTES", DEFAULT_MAX_INFLIGHT_BODY_BYTES)
+        if inflight < max_body:
+            raise ConfigError(
+                f"setting PTD_MAX_INFLIGHT_BODY_BYTES={inflight} must be at least "
+                f"PTD_MAX_BODY_BYTES={max_body}: a body of the largest size could never be read"
+            )
         return cls(
             model_source=source,
             model_dir=Path(env.get("PTD_MODEL_DIR") or BUNDLED_MODEL_DIR),
@@ -86,7 +100,8 @@ class Settings:
             or "batch-out",
             max_batch_records=_int(env, "PTD_MAX_BATCH_RECORDS", 10_000),
             max_invoices_per_customer=_int(env, "PTD_MAX_INVOICES_PER_CUSTOMER", 2_000),
-            max_body_bytes=_int(env, "PTD_MAX_BODY_BYTES", 50 * 1024 * 1024),
+            max_body_bytes=max_body,
+            max_inflight_body_bytes=inflight,
             rate_limit_per_minute=_int(env, "PTD_RATE_LIMIT_PER_MINUTE", 0, minimum=0),
             api_keys=_list(env, "PTD_API_KEYS"),
             cors_origins=_list(env, "PTD_CORS_ORIGINS"),

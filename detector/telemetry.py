@@ -428,6 +428,7 @@ _HELP = {
     "http_requests_total": "HTTP requests, by route and status.",
     "http_request_duration_ms": "HTTP request duration, milliseconds.",
     "rate_limited_total": "Requests answered 429 by the per-instance rate limit.",
+    "requests_overloaded_total": "Requests answered 503: no room among the bodies in work.",
 }
 PROMETHEUS_PREFIX = "ptd_"
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

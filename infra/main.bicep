@@ -159,9 +159,13 @@ param maxBatchRecords int = 10000
 @minValue(1)
 param maxInvoicesPerCustomer int = 2000
 
-@description('PTD_MAX_BODY_BYTES: largest request body accepted.')
+@description('PTD_MAX_BODY_BYTES: largest request body accepted (received, and decoded when gzip/deflate); also the Functions host setting FUNCTIONS_REQUEST_BODY_SIZE_LIMIT.')
 @minValue(1)
-param maxBodyBytes int = 52428800
+param maxBodyBytes int = 16777216
+
+@description('PTD_MAX_INFLIGHT_BODY_BYTES: request bodies one instance parses and scores at once (at least maxBodyBytes); about 23 bytes of memory per byte at worst (docs/OPERATIONS.md, Memory).')
+@minValue(1)
+param maxInflightBodyBytes int = 25165824
 
 @description('PTD_RATE_LIMIT_PER_MINUTE: requests per caller and minute; 0 turns the limit off.')
 @minValue(0)
@@ -352,6 +356,7 @@ module functionApp 'modules/function-app.bicep' = {
     maxBatchRecords: maxBatchRecords
     maxInvoicesPerCustomer: maxInvoicesPerCustomer
     maxBodyBytes: maxBodyBytes
+    maxInflightBodyBytes: maxInflightBodyBytes
     rateLimitPerMinute: rateLimitPerMinute
     corsOrigins: corsOrigins
     logLevel: logLevel
