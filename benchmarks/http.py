@@ -224,11 +224,14 @@ BUCKETS: tuple[tuple[str, Any], ...] = (
         "features from raw history",
         lambda f, p: "detector/features/" in p or "detector/schema.py" in p,
     ),
-    ("JSON parse of the body (read_json)", lambda f, p: f == "read_json"),
+    (
+        "request body: headers, read, decode, JSON parse (body_plan, read_body, parse_json)",
+        lambda f, p: f in ("read_body", "parse_json", "body_plan"),
+    ),
     ("JSON response (json_response)", lambda f, p: f == "json_response"),
     (
         "predict_batch run(): result dicts + to_json",
-        lambda f, p: f.endswith("predict_batch.<locals>.run"),
+        lambda f, p: f.endswith(("predict_batch.<locals>.run", "score_batch.<locals>.run")),
     ),
     (
         "score_records: row matrix + result dicts",

@@ -25,6 +25,7 @@ import logging
 import math
 import threading
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -36,14 +37,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from pydantic import TypeAdapter
-from starlette.datastructures import MutableHeaders
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from detector.config import MODEL_NAMES, ConfigError, Settings
 from detector.features import FEATURE_NAMES, FEATURES
-from detector.limits import RateLimiter
+from detector.limits import BodyBudget, BudgetFull, RateLimiter, Reservation
 from detector.model import ArtifactSet, ModelError
 from detector.records import (
     BatchRequest,
@@ -93,6 +94,10 @@ SCORING_ROUTES = frozenset({"/api/predict", "/api/predict_batch"})
 OPEN_ROUTES = frozenset({"/api/health", "/api/openapi.json", "/api/docs"})
 # Above this many records a batch is validated and scored in a worker thread, off the event loop.
 THREAD_THRESHOLD = 64
+# A scoring request waits this long (seconds) for room among the bodies in work, then is refused
+# with 503 and Retry-After (RETRY_AFTER_OVERLOADED seconds). A worst-case body takes ~2 s.
+ADMISSION_WAIT_SECONDS = 30.0
+RETRY_AFTER_OVERLOADED = 5
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -282,16 +287,62 @@ def _is_json(content_type: str | None) -> bool:
     )
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The body as JSON: 415 unless JSON, 413 over `limit` bytes, 400 when malformed."""
-    if not _is_json(request.headers.get("content-type")):
+# Content codings a request body may carry (RFC 9110 §8.4.1): "x-gzip" is "gzip" (§8.4.1.3);
+# "deflate" is the zlib format (§8.4.1.2), though some clients send raw deflate: both are read.
+CODINGS = {"gzip": "gzip", "x-gzip": "gzip", "deflate": "deflate"}
+ACCEPTED_CODINGS = "gzip, deflate"
+UTF8_BOM = b"\xef\xbb\xbf"
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+class BodyPlan:
+    """What the headers say of a body: its content coding (None: identity) and declared length."""
+
+    __slots__ = ("coding", "declared")
+
+    def __init__(self, coding: str | None, declared: int | None) -> None:
+        self.coding = coding
+        self.declared = declared
+
+    def reserve(self, limit: int) -> int:
+        """Bytes to reserve before reading: the declared size when it is the size that will be
+        parsed, else the limit (chunked or encoded: the decoded size is known only once read)."""
+        if self.coding is None and self.declared is not None:
+            return min(self.declared, limit)
+        return limit
+
+
+def body_plan(request: Request, limit: int) -> BodyPlan:
+    """Check the body's headers before anything is read.
+
+    415 unless the media type is JSON; 415 for a content coding other than gzip, deflate or
+    identity (with `Accept-Encoding` listing those, RFC 9110 §12.5.3); 400 for a Content-Length
+    that is not a number; 413 when Content-Length is over `limit` (the encoded size counts as well
+    as the decoded one). The headers are read in one pass over the raw list (a missing header
+    costs an exception in Starlette's `Headers.get`); repeated Content-Encoding fields are one
+    list (RFC 9110 §5.3)."""
+    content_type: str | None = None
+    declared: str | None = None
+    encodings: list[str] = []
+    for raw_name, raw_value in request.scope["headers"]:
+        name = raw_name.lower()
+        if name == b"content-type":
+            if content_type is None:
+                content_type = raw_value.decode("latin-1")
+        elif name == b"content-length":
+            if declared is None:
+                declared = raw_value.decode("latin-1")
+        elif name == b"content-encoding":
+            encodings.append(raw_value.decode("latin-1"))
+    if not _is_json(content_type):
         raise ApiError(
             415,
             "unsupported_media_type",
             "send the body as application/json",
             "header.content-type",
         )
-    declared = request.headers.get("content-length")
+    coding = _content_coding(", ".join(encodings)) if encodings else None
+    length = None
     if declared is not None:
         try:
             length = int(declared)
@@ -306,16 +357,131 @@ async def read_json(request: Request, limit: int) -> Any:
                 f"body of {length} bytes exceeds the limit of {limit} bytes",
                 "body",
             )
+    return BodyPlan(coding, length)
+
+
+def _content_coding(header: str | None) -> str | None:
+    """The one content coding of the body, None for identity; 415 for anything else."""
+    if header is None:
+        return None
+    names = [c.strip().lower() for c in header.split(",")]
+    codings = [c for c in names if c and c != "identity"]
+    if not codings:
+        return None
+    if len(codings) == 1 and codings[0] in CODINGS:
+        return CODINGS[codings[0]]
+    unknown = next((c for c in codings if c not in CODINGS), None)
+    message = (
+        f"content-encoding {unknown[:32]!r} is not supported; send the body as is, or "
+        f"encoded with one of: {ACCEPTED_CODINGS}"
+        if unknown is not None
+        else f"a body encoded more than once ({header[:64]!r}) is not supported; encode it once "
+        f"with one of: {ACCEPTED_CODINGS}"
+    )
+    raise ApiError(
+        415,
+        "unsupported_encoding",
+        message,
+        "header.content-encoding",
+        headers={"accept-encoding": ACCEPTED_CODINGS},
+    )
+
+
+class _Inflater:
+    """Streaming gzip/deflate decoding that never produces more than `limit` bytes.
+
+    Each input chunk is inflated with `max_length` set to what the limit still allows, so a
+    bomb (a few kB that inflate to gigabytes) stops one byte past the limit, in bounded memory.
+    Concatenated gzip members (RFC 1952 §2.2) are all read."""
+
+    def __init__(self, coding: str, limit: int) -> None:
+        self.coding = coding
+        self.limit = limit
+        self.size = 0
+        self._inflater: Any = None
+        self._started = False
+
+    def _new(self, data: bytes) -> Any:
+        if self.coding == "gzip":
+            return zlib.decompressobj(16 + zlib.MAX_WBITS)
+        # zlib format when the first two bytes are a zlib header (RFC 1950 §2.2), else raw.
+        zlib_header = len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+        return zlib.decompressobj(zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        while data:
+            if self._inflater is None:
+                self._inflater = self._new(data)
+                self._started = True
+            piece = self._inflater.decompress(data, self.limit - self.size + 1)
+            self.size += len(piece)
+            if self.size > self.limit:
+                raise ApiError(
+                    413,
+                    "body_too_large",
+                    f"the {self.coding}-decoded body exceeds the limit of {self.limit} bytes",
+                    "body",
+                )
+            out.append(piece)
+            if self._inflater.eof:
+                data = self._inflater.unused_data
+                if data and self.coding != "gzip":
+                    raise zlib.error("data after the end of the compressed stream")
+                self._inflater = None if data else self._inflater
+            else:
+                data = self._inflater.unconsumed_tail
+        return out
+
+    def finish(self) -> None:
+        if self._started and (self._inflater is None or not self._inflater.eof):
+            raise zlib.error("the compressed stream is truncated")
+
+
+async def read_body(request: Request, plan: BodyPlan, limit: int) -> bytes:
+    """The body, decoded, at most `limit` bytes (413 past it, on the bytes received and on the
+    decoded bytes, counted as they stream); 400 `invalid_encoding` when it is not what its
+    Content-Encoding says."""
+    inflater = _Inflater(plan.coding, limit) if plan.coding else None
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(
-                413, "body_too_large", f"body exceeds the limit of {limit} bytes", "body"
-            )
-        chunks.append(chunk)
-    body = b"".join(chunks)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(
+                    413, "body_too_large", f"body exceeds the limit of {limit} bytes", "body"
+                )
+            if inflater is None:
+                chunks.append(chunk)
+            else:
+                chunks.extend(inflater.feed(chunk))
+        if inflater is not None:
+            inflater.finish()
+    except zlib.error as exc:
+        raise ApiError(
+            400,
+            "invalid_encoding",
+            f"the body is not valid {plan.coding} data (Content-Encoding: {plan.coding}): {exc}",
+            "body",
+        ) from None
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def parse_json(body: bytes) -> Any:
+    """The body as JSON: 400 when empty or malformed, 422 naming a NaN/Infinity literal.
+
+    A leading UTF-8 byte order mark is skipped (RFC 8259 §8.1: a parser MAY ignore it); a
+    UTF-16 one is refused with a message saying so (JSON on the wire is UTF-8, §8.1)."""
+    if body.startswith(UTF8_BOM):
+        body = body[len(UTF8_BOM) :]
+    elif body.startswith(UTF16_BOMS):
+        raise ApiError(
+            400,
+            "invalid_json",
+            "the body is UTF-16 (it starts with a UTF-16 byte order mark); send JSON as UTF-8",
+            "body",
+        )
     if not body.strip():
         raise ApiError(400, "invalid_json", "the body is empty; send a JSON object", "body")
     try:
@@ -392,7 +558,21 @@ class RequestContextMiddleware:
         if not traceparent and trace_context is not None:
             traceparent = getattr(trace_context, "trace_parent", None)
         cid = correlation_from_headers(headers.get("x-correlation-id"), traceparent)
+        method = scope.get("method")
         path: str = scope.get("path", "")
+        if len(path) > 1 and path.endswith("/"):
+            # /api/health/ is /api/health: answered here, never redirected (a redirect would
+            # be built from the Host header the caller sent).
+            path = path.rstrip("/") or "/"
+            raw_path = scope.get("raw_path")
+            scope = {**scope, "path": path}
+            if isinstance(raw_path, bytes):
+                scope["raw_path"] = raw_path.rstrip(b"/") or b"/"
+        head = method == "HEAD"
+        if head:
+            # HEAD is GET without the body (RFC 9110 §9.3.2): the same status and headers,
+            # Content-Length included, on every GET route; 405 where GET is 405.
+            scope = {**scope, "method": "GET"}
         info: dict[str, Any] = {"caller": None}
         cid_token = correlation_id.set(cid)
         info_token = request_info.set(info)
@@ -400,6 +580,8 @@ class RequestContextMiddleware:
         is_docs = path == "/api/docs"
 
         async def send_with_headers(message: Message) -> None:
+            if head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
             if message["type"] == "http.response.start":
                 state["started"] = True
                 state["status"] = message["status"]
@@ -416,13 +598,11 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            with span(f"{scope.get('method')} {path if path in ROUTES else 'other'}"):
+            with span(f"{method} {path if path in ROUTES else 'other'}"):
                 await self.app(scope, receive, send_with_headers)
         except Exception as exc:
             info["error"] = "internal_error"
-            log.error(
-                "unhandled %s on %s %s", type(exc).__name__, scope.get("method"), path, exc_info=exc
-            )
+            log.error("unhandled %s on %s %s", type(exc).__name__, method, path, exc_info=exc)
             if not state["started"]:
                 response = json_response(
                     error_body(
@@ -439,7 +619,7 @@ class RequestContextMiddleware:
             route = path if path in ROUTES else "other"
             fields: dict[str, Any] = {
                 "event": "request",
-                "method": scope.get("method"),
+                "method": method,
                 "path": route,
                 "status": status,
                 "duration_ms": round(duration_ms, 3),
@@ -447,7 +627,7 @@ class RequestContextMiddleware:
                 **info,
             }
             log_event(request_log, logging.WARNING if status >= 500 else logging.INFO, fields)
-            if route in SCORING_ROUTES and scope.get("method") == "POST":
+            if route in SCORING_ROUTES and method == "POST":
                 audit(
                     route.removeprefix("/api/"),
                     caller=info.get("caller") or "unauthenticated",
@@ -465,6 +645,40 @@ class RequestContextMiddleware:
             correlation_id.reset(cid_token)
 
 
+# What Starlette's preflight refusal names, and the request header it refers to.
+CORS_REFUSAL_LOCATIONS = {
+    "origin": "header.origin",
+    "method": "header.access-control-request-method",
+    "headers": "header.access-control-request-headers",
+    "private-network": "header.access-control-request-private-network",
+}
+
+
+class JsonCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight answered like every other error: JSON naming
+    the request header that was refused (Starlette answers it in plain text)."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        refused = bytes(response.body).decode("ascii", "replace").removeprefix("Disallowed CORS ")
+        first = refused.split(",", 1)[0].strip()
+        headers = {
+            k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")
+        }
+        return _error_response(
+            ApiError(
+                response.status_code,
+                "cors_refused",
+                f"CORS preflight refused: {refused} not allowed (PTD_CORS_ORIGINS lists the "
+                "allowed origins)",
+                CORS_REFUSAL_LOCATIONS.get(first, "header.origin"),
+                headers=headers,
+            )
+        )
+
+
 # --- the app -----------------------------------------------------------------------------------
 
 
@@ -473,11 +687,15 @@ def create_app(
     artifacts_loader: Callable[[], ArtifactSet] | None = None,
     *,
     retry_backoff: tuple[float, float] = (2.0, 60.0),
+    admission_wait: float = ADMISSION_WAIT_SECONDS,
 ) -> FastAPI:
-    """The HTTP app. `artifacts_loader` replaces `detector.store.load_artifacts` (tests)."""
+    """The HTTP app. `artifacts_loader` replaces `detector.store.load_artifacts` (tests);
+    `admission_wait` is how long, in seconds, a scoring request waits for room in the budget of
+    bodies in work (`PTD_MAX_INFLIGHT_BODY_BYTES`) before it is refused with 503."""
     settings = settings or Settings.from_env()
     configure_logging(settings)
     keys = _parse_keys(settings.api_keys)
+    budget = BodyBudget(max(settings.max_inflight_body_bytes, settings.max_body_bytes))
     limiter = (
         RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None
     )
@@ -504,6 +722,7 @@ def create_app(
         ),
         docs_url="/api/docs",
         redoc_url=None,
+        redirect_slashes=False,  # RequestContextMiddleware answers /api/health/ itself
         openapi_url="/api/openapi.json",
         lifespan=lifespan,
     )
@@ -561,6 +780,24 @@ def create_app(
                 f"model not available: {exc.reason}",
                 None,
                 headers={"retry-after": str(max(1, math.ceil(exc.retry_after)))},
+            ) from None
+
+    async def admit(plan: BodyPlan) -> Reservation:
+        """Room for this body among the bodies in work (`BodyBudget`), to release when the
+        request is done; 503 `overloaded` with Retry-After when there is none within
+        `admission_wait`."""
+        try:
+            return await budget.acquire(plan.reserve(settings.max_body_bytes), admission_wait)
+        except BudgetFull as full:
+            METRICS.inc("requests_overloaded_total")
+            raise ApiError(
+                503,
+                "overloaded",
+                f"this instance is working on {full.in_use} bytes of request bodies and this one "
+                f"may need {full.wanted} (at most {full.capacity} at once); retry after the "
+                "number of seconds in Retry-After",
+                None,
+                headers={"retry-after": str(RETRY_AFTER_OVERLOADED)},
             ) from None
 
     def chosen_model(artifacts: ArtifactSet, request: Request) -> str:
@@ -719,13 +956,21 @@ def create_app(
                 },
             },
             "responses": {
-                "400": _error_ref("malformed JSON"),
+                "400": _error_ref(
+                    "malformed JSON, or a body that is not what its Content-Encoding says"
+                ),
                 "401": _error_ref("missing or invalid API key"),
-                "413": _error_ref("body, batch or history over its limit"),
-                "415": _error_ref("the body is not application/json"),
+                "413": _error_ref("body (decoded), batch or history over its limit"),
+                "415": _error_ref(
+                    "the body is not application/json, or its content coding is not gzip, "
+                    "deflate or identity"
+                ),
                 "422": _error_ref("invalid input; location names the field"),
                 "429": _error_ref("over the per-caller rate limit; see Retry-After"),
-                "503": _error_ref("the model is not available"),
+                "503": _error_ref(
+                    "the model is not available, or the instance is busy with other large "
+                    "bodies (overloaded); see Retry-After"
+                ),
             },
         }
 
@@ -739,8 +984,17 @@ def create_app(
         await require_key(request)
         artifacts = await artifacts_or_503()
         name = chosen_model(artifacts, request)
-        body = await read_json(request, settings.max_body_bytes)
-        outcome = score_records([body], artifacts, name, settings, lambda i: "")
+        plan = body_plan(request, settings.max_body_bytes)
+        reservation = await admit(plan)
+        try:
+            raw = await read_body(request, plan, settings.max_body_bytes)
+            reservation.shrink(len(raw))  # chunked or encoded: now the size is known
+            body = parse_json(raw)
+            del raw
+            outcome = score_records([body], artifacts, name, settings, lambda i: "")
+            del body
+        finally:
+            reservation.release()
         info = request_info.get()
         if info is not None:
             info.update(customers=1, model=name, model_version=artifacts.version)
@@ -768,7 +1022,18 @@ def create_app(
         await require_key(request)
         artifacts = await artifacts_or_503()
         name = chosen_model(artifacts, request)
-        body = await read_json(request, settings.max_body_bytes)
+        plan = body_plan(request, settings.max_body_bytes)
+        reservation = await admit(plan)
+        try:
+            raw = await read_body(request, plan, settings.max_body_bytes)
+            reservation.shrink(len(raw))  # chunked or encoded: now the size is known
+            body = parse_json(raw)
+            del raw
+            return await score_batch(body, artifacts, name)
+        finally:
+            reservation.release()
+
+    async def score_batch(body: Any, artifacts: ArtifactSet, name: str) -> Response:
         if not isinstance(body, dict):
             raise ApiError(422, "invalid_type", 'the body must be {"records": [...]}', "body")
         unknown = sorted(set(body) - {"records"})
@@ -861,7 +1126,7 @@ def create_app(
 
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware,
+            JsonCORSMiddleware,
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST"],
             allow_headers=[

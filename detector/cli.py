@@ -20,11 +20,11 @@ class CommandError(Exception):
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from detector.serve import run
 
-    uvicorn.run(
-        "detector.api:create_app", factory=True, host=args.host, port=args.port, log_level="warning"
-    )
+    if args.max_header_bytes < 1024:
+        raise CommandError("--max-header-bytes must be at least 1024")
+    run(args.host, args.port, args.max_header_bytes)
     return 0
 
 
@@ -253,12 +253,21 @@ def _snapshot(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from detector.serve import DEFAULT_MAX_HEADER_BYTES
+
     parser = argparse.ArgumentParser(prog="ptd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the HTTP API locally (uvicorn)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=7071)
+    serve.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=DEFAULT_MAX_HEADER_BYTES,
+        help="largest request line + headers accepted, in bytes; larger ones get 431 "
+        f"(default {DEFAULT_MAX_HEADER_BYTES})",
+    )
     serve.set_defaults(handler=_serve)
 
     score = sub.add_parser("score", help="score a CSV/Parquet file of invoices (or features)")

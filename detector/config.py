@@ -27,6 +27,11 @@ DEFAULT_CACHE_DIR = Path(tempfile.gettempdir()) / "ptd-models"
 # The Bicep sets a lower value for Flex Consumption, whose instances have 0.8 GB of temporary
 # storage (docs/CONFIGURATION.md).
 DEFAULT_MAX_DECOMPRESSED_BYTES = 4 * 1024**3
+# Request bodies: the largest one, and the sum an instance parses and scores at once. Parsing
+# costs up to ~23 bytes of memory per body byte (docs/OPERATIONS.md, "Memory"), so 24 MiB in
+# work keeps the worker under 1 GB on a 2,048 MB Flex Consumption instance.
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_INFLIGHT_BODY_BYTES = 24 * 1024 * 1024
 
 
 class ConfigError(ValueError):
@@ -66,7 +71,9 @@ class Settings:
     batch_out_container: str = "batch-out"  # PTD_BATCH_OUT_CONTAINER
     max_batch_records: int = 10_000  # PTD_MAX_BATCH_RECORDS
     max_invoices_per_customer: int = 2_000  # PTD_MAX_INVOICES_PER_CUSTOMER
-    max_body_bytes: int = 50 * 1024 * 1024  # PTD_MAX_BODY_BYTES
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # PTD_MAX_BODY_BYTES (decoded size)
+    # PTD_MAX_INFLIGHT_BODY_BYTES: bodies in work at once; at least max_body_bytes
+    max_inflight_body_bytes: int = DEFAULT_MAX_INFLIGHT_BODY_BYTES
     max_decompressed_bytes: int = DEFAULT_MAX_DECOMPRESSED_BYTES  # PTD_MAX_DECOMPRESSED_BYTES
     rate_limit_per_minute: int = 0  # PTD_RATE_LIMIT_PER_MINUTE per caller; 0 = off
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # PTD_API_KEYS "name:key,..."
@@ -95,6 +102,13 @@ class Settings:
                 f"setting PTD_MODEL_VERSION={model_version[:100]!r} must be a version name "
                 f"({VERSION_RULE}), optionally followed by @sha256:<64 hex digits>"
             )
+        max_body = _int(env, "PTD_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES)
+        inflight = _int(env, "PTD_MAX_INFLIGHT_BODY_BYTES", DEFAULT_MAX_INFLIGHT_BODY_BYTES)
+        if inflight < max_body:
+            raise ConfigError(
+                f"setting PTD_MAX_INFLIGHT_BODY_BYTES={inflight} must be at least "
+                f"PTD_MAX_BODY_BYTES={max_body}: a body of the largest size could never be read"
+            )
         return cls(
             model_source=source,
             model_dir=Path(env.get("PTD_MODEL_DIR") or BUNDLED_MODEL_DIR),
@@ -108,7 +122,8 @@ class Settings:
             or "batch-out",
             max_batch_records=_int(env, "PTD_MAX_BATCH_RECORDS", 10_000),
             max_invoices_per_customer=_int(env, "PTD_MAX_INVOICES_PER_CUSTOMER", 2_000),
-            max_body_bytes=_int(env, "PTD_MAX_BODY_BYTES", 50 * 1024 * 1024),
+            max_body_bytes=max_body,
+            max_inflight_body_bytes=inflight,
             max_decompressed_bytes=_int(
                 env, "PTD_MAX_DECOMPRESSED_BYTES", DEFAULT_MAX_DECOMPRESSED_BYTES
             ),

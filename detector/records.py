@@ -13,19 +13,28 @@ The domain side of the HTTP API, with no HTTP in it (`detector.api` is the app):
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NotRequired
 
 import numpy as np
-from pydantic import AfterValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    WithJsonSchema,
+)
 from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 
 from detector.config import Settings
 from detector.features import FEATURE_NAMES, FEATURES, FeatureSpec
 from detector.model import ArtifactSet
 from detector.reasons import explain_dicts
+from detector.schema import DATE_WINDOW, MAX_YEAR, MIN_YEAR
 from detector.telemetry import METRICS
 
 # --- request schema ----------------------------------------------------------------------------
@@ -42,6 +51,34 @@ def _bounded(name: str) -> Any:
 
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"\S")]
 Code = Annotated[int, Field(ge=-INT64, le=INT64)]
+
+# Invoice dates, checked while the record is validated so that a placeholder date (9999-12-31,
+# 0001-01-01, "today") is reported in field order, before the errors of the fields after it,
+# and at the cost of a regular expression (pydantic-core's Rust engine) per row. The rule is
+# `schema.prepare_invoices`'s (yyyy-mm-dd within MIN_YEAR..MAX_YEAR), which still runs on every
+# row the pattern lets through; the pattern only refuses what that rule refuses too
+# (tests/test_api_dates.py checks it against the schema on generated strings): around the date
+# it lets anything but ASCII digits through (the schema strips whitespace), and a year written
+# with a non-ASCII digit (which pandas reads, e.g. Arabic-Indic digits) is left to the schema.
+_OTHER_DIGIT = r"[\d--0-9]"  # a decimal digit that is not ASCII (Rust regex class difference)
+_YEAR = "|".join(
+    [
+        *(str(year) for year in range(MIN_YEAR, MAX_YEAR + 1)),
+        rf"{_OTHER_DIGIT}\d{{3}}",
+        rf"[0-9]{_OTHER_DIGIT}\d{{2}}",
+        rf"[0-9]{{2}}{_OTHER_DIGIT}\d",
+        rf"[0-9]{{3}}{_OTHER_DIGIT}",
+    ]
+)
+PLAUSIBLE_DATE = rf"^[^0-9]*(?:{_YEAR})-\d{{2}}-\d{{2}}[^0-9]*$"
+INVOICE_DATE_FORMAT = "invalid invoice_date: expected yyyy-mm-dd"
+INVOICE_DATE_WINDOW = f"invalid invoice_date: outside {DATE_WINDOW}"
+_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+# Fields of each object of a record; an object with many more keys than these is refused with
+# its first unknown key before pydantic (which would build one error per unknown key): see
+# `_shape_error`.
+RECORD_FIELDS = ("customer_id", "features", "invoices", "client")
+EXTRA_KEYS_REPORTED = 20  # as many unknown keys as `details` can list
 
 
 def _integer_code(value: float) -> float:
@@ -88,7 +125,14 @@ class Invoice(TypedDict):
     __pydantic_config__ = STRICT  # type: ignore[misc]
 
     client_id: NotRequired[Annotated[str, Field(max_length=128)]]
-    invoice_date: Annotated[str, Field(max_length=32, description="yyyy-mm-dd")]
+    invoice_date: Annotated[
+        str,
+        Field(max_length=32, pattern=PLAUSIBLE_DATE),
+        # The documented rule, not the Rust pattern (whose syntax JSON Schema does not have).
+        WithJsonSchema(
+            {"type": "string", "maxLength": 32, "description": f"yyyy-mm-dd, {DATE_WINDOW}"}
+        ),
+    ]
     tarif_type: Code
     counter_number: Code
     counter_statue: Annotated[int | str, Field(description="meter status; 0 = working")]
@@ -128,7 +172,9 @@ class HistoryRecord(TypedDict):
     __pydantic_config__ = STRICT  # type: ignore[misc]
 
     customer_id: Id
-    invoices: Annotated[list[Invoice], Field(min_length=1)]
+    # fail_fast: validation stops at the first bad row, so a record of 2,000 bad rows costs
+    # one row's errors, not 24,000 error objects (pydantic >= 2.8, "fail_fast" on sequences).
+    invoices: Annotated[list[Invoice], Field(min_length=1, fail_fast=True)]
     client: NotRequired[Client | None]
 
 
@@ -191,10 +237,21 @@ class BatchResponse(TypedDict):
     failed: int
 
 
-_FEATURES_LIST = TypeAdapter(list[FeaturesRecord])
+# The lists fail fast: the first bad record ends the group call, which is then redone record by
+# record to place every error.
+_FEATURES_LIST = TypeAdapter(Annotated[list[FeaturesRecord], Field(fail_fast=True)])
 _FEATURES_ONE = TypeAdapter(FeaturesRecord)
-_HISTORY_LIST = TypeAdapter(list[HistoryRecord])
+_HISTORY_LIST = TypeAdapter(Annotated[list[HistoryRecord], Field(fail_fast=True)])
 _HISTORY_ONE = TypeAdapter(HistoryRecord)
+_INVOICE_FIELDS = frozenset(Invoice.__annotations__)
+_CLIENT_FIELDS = frozenset(Client.__annotations__)
+_FEATURE_FIELDS = frozenset(FEATURE_NAMES)
+_RECORD_FIELDS = frozenset(RECORD_FIELDS)
+# More keys than this in an object: refused before validation (`_shape_error`).
+_RECORD_WIDTH = len(_RECORD_FIELDS) + EXTRA_KEYS_REPORTED
+_FEATURES_WIDTH = len(_FEATURE_FIELDS) + EXTRA_KEYS_REPORTED
+_CLIENT_WIDTH = len(_CLIENT_FIELDS) + EXTRA_KEYS_REPORTED
+_INVOICE_WIDTH = len(_INVOICE_FIELDS) + EXTRA_KEYS_REPORTED
 _UNION_TAGS = frozenset({"int", "str", "float", "none", "bool"})
 
 
@@ -236,10 +293,19 @@ class RecordError:
         return out
 
 
+def _date_message(value: Any) -> str:
+    """The schema's reason for an invoice date the plausibility pattern refused."""
+    if isinstance(value, str) and _ISO_DATE.fullmatch(value.strip()):
+        return f"invoice rejected: {INVOICE_DATE_WINDOW}"
+    return f"invoice rejected: {INVOICE_DATE_FORMAT}"
+
+
 def _from_validation(exc: ValidationError, prefix: str) -> RecordError:
     details = []
     seen = set()
-    for err in exc.errors(include_url=False, include_input=False):
+    # Few errors by construction: lists fail fast, objects with many unknown keys are refused
+    # before validation (`_shape_error`).
+    for err in exc.errors(include_url=False):
         location = join_location(prefix, format_location(err["loc"]))
         if location in seen:
             continue
@@ -249,6 +315,8 @@ def _from_validation(exc: ValidationError, prefix: str) -> RecordError:
             message = f"unknown field {str(err['loc'][-1])!r}"
         elif err["type"] == "missing":
             message = f"missing required field {str(err['loc'][-1])!r}"
+        elif err["type"] == "string_pattern_mismatch" and err["loc"][-1] == "invoice_date":
+            message = _date_message(err.get("input"))
         details.append({"location": location, "message": message, "type": err["type"]})
     first = details[0]
     code = "unknown_field" if first["type"] == "extra_forbidden" else "invalid_value"
@@ -271,6 +339,38 @@ class Outcome:
     flagged: int = 0
 
 
+def _unknown_key(obj: dict[str, Any], known: frozenset[str], location: str) -> RecordError:
+    first = next(key for key in obj if key not in known)
+    return RecordError("unknown_field", f"unknown field {first!r}", join_location(location, first))
+
+
+def _shape_error(obj: dict[str, Any], prefix: str) -> RecordError | None:
+    """An object of the record with far more keys than it has fields, refused with its first
+    unknown key before validation: strict validation builds one error per unknown key, and a
+    body can hold millions. The check is a `len()` per object (`max(map(len, ...))` over the
+    rows); only a refused object is scanned, to its first unknown key."""
+    if len(obj) > _RECORD_WIDTH:
+        return _unknown_key(obj, _RECORD_FIELDS, prefix)
+    features = obj.get("features")
+    if type(features) is dict and len(features) > _FEATURES_WIDTH:
+        return _unknown_key(features, _FEATURE_FIELDS, join_location(prefix, "features"))
+    client = obj.get("client")
+    if type(client) is dict and len(client) > _CLIENT_WIDTH:
+        return _unknown_key(client, _CLIENT_FIELDS, join_location(prefix, "client"))
+    invoices = obj.get("invoices")
+    if type(invoices) is list and invoices:
+        try:
+            widest = max(map(len, invoices))
+        except TypeError:  # a row without a length (a number, null): pydantic says which
+            return None
+        if widest > _INVOICE_WIDTH:
+            for j, row in enumerate(invoices):
+                if type(row) is dict and len(row) > _INVOICE_WIDTH:
+                    where = join_location(prefix, f"invoices[{j}]")
+                    return _unknown_key(row, _INVOICE_FIELDS, where)
+    return None
+
+
 def _classify(obj: Any, prefix: str, max_invoices: int) -> str | RecordError:
     if not isinstance(obj, dict):
         return RecordError("invalid_type", "a record must be a JSON object", prefix or "body")
@@ -282,7 +382,7 @@ def _classify(obj: Any, prefix: str, max_invoices: int) -> str | RecordError:
             join_location(prefix, "features"),
         )
     if has_features:
-        return "features"
+        return _shape_error(obj, prefix) or "features"
     if has_invoices:
         invoices = obj["invoices"]
         if isinstance(invoices, list):
@@ -298,7 +398,7 @@ def _classify(obj: Any, prefix: str, max_invoices: int) -> str | RecordError:
                     f"{len(invoices)} invoices for one customer; the limit is {max_invoices}",
                     join_location(prefix, "invoices"),
                 )
-        return "history"
+        return _shape_error(obj, prefix) or "history"
     return RecordError(
         "missing_field",
         "a record needs 'features' or 'invoices'",

@@ -480,6 +480,7 @@ _HELP = {
     "rate_limited_total": "Requests answered 429 by the per-instance rate limit.",
     "feature_psi": "PSI of each feature over this instance's last 10,000 scored clients.",
     "features_drifted": "Features whose PSI is over the threshold (0.25) in that window.",
+    "requests_overloaded_total": "Requests answered 503: no room among the bodies in work.",
 }
 PROMETHEUS_PREFIX = "ptd_"
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -164,9 +164,13 @@ param maxBatchRecords int = 10000
 @minValue(1)
 param maxInvoicesPerCustomer int = 2000
 
-@description('PTD_MAX_BODY_BYTES: largest request body accepted.')
+@description('PTD_MAX_BODY_BYTES: largest request body accepted (received, and decoded when gzip/deflate); also the Functions host setting FUNCTIONS_REQUEST_BODY_SIZE_LIMIT.')
 @minValue(1)
-param maxBodyBytes int = 52428800
+param maxBodyBytes int = 16777216
+
+@description('PTD_MAX_INFLIGHT_BODY_BYTES: request bodies one instance parses and scores at once (at least maxBodyBytes); about 23 bytes of memory per byte at worst (docs/OPERATIONS.md, Memory).')
+@minValue(1)
+param maxInflightBodyBytes int = 25165824
 
 @description('PTD_MAX_DECOMPRESSED_BYTES: largest output of one gzip batch file; a gzip that inflates beyond it gets error.json. 384 MiB: a Flex Consumption instance has 0.8 GB of temporary storage for the download, the decompressed file and its partitions (about 1.4 times the decompressed size at the peak).')
 @minValue(1)
@@ -364,6 +368,7 @@ module functionApp 'modules/function-app.bicep' = {
     maxInvoicesPerCustomer: maxInvoicesPerCustomer
     maxBodyBytes: maxBodyBytes
     maxDecompressedBytes: maxDecompressedBytes
+    maxInflightBodyBytes: maxInflightBodyBytes
     rateLimitPerMinute: rateLimitPerMinute
     corsOrigins: corsOrigins
     logLevel: logLevel

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import importlib
 import importlib.util
 import json
 import sys
 import types
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -200,3 +202,138 @@ def test_function_uses_the_host_trace_context(invoke: Any) -> None:
     assert response.status_code == 200
     assert response.headers["x-correlation-id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
     assert json.loads(response.get_body())["status"] == "ok"
+
+
+# --- issue 13 through the Functions entry point --------------------------------------------------
+
+HISTORY_ROW = {
+    "invoice_date": "2015-03-01",
+    "tarif_type": 11,
+    "counter_number": 12345,
+    "counter_statue": 0,
+    "counter_code": 203,
+    "reading_remarque": 8,
+    "consommation_level_1": 350,
+    "consommation_level_2": 20.5,
+    "consommation_level_3": 0,
+    "consommation_level_4": 0,
+    "months_number": 4,
+    "counter_type": "ELEC",
+}
+
+
+def _call(
+    invoke: Any, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+) -> func.HttpResponse:
+    request = func.HttpRequest(
+        method=method, url=f"http://localhost{path}", headers=headers or {}, body=body
+    )
+    response: func.HttpResponse = invoke(request)
+    return response
+
+
+def _error(response: func.HttpResponse) -> dict[str, Any]:
+    error: dict[str, Any] = json.loads(response.get_body())["error"]
+    return error
+
+
+@pytest.mark.parametrize(
+    "date", ["9999-12-31", "0001-01-01", "1000-01-01", "3016-01-01", "today", "2100-01-01"]
+)
+def test_function_refuses_placeholder_dates_naming_the_field(invoke: Any, date: str) -> None:
+    rows = [HISTORY_ROW, {**HISTORY_ROW, "invoice_date": date}]
+    single = _call(
+        invoke,
+        "POST",
+        "/api/predict",
+        _body({"customer_id": "c", "invoices": rows}),
+        {"content-type": "application/json"},
+    )
+    assert single.status_code == 422
+    assert _error(single)["location"] == "invoices[1].invoice_date"
+    assert _error(single)["code"] == "invalid_value"
+    batch = _call(
+        invoke,
+        "POST",
+        "/api/predict_batch",
+        _body(
+            {
+                "records": [
+                    {"customer_id": "a", "invoices": [HISTORY_ROW]},
+                    {"customer_id": "b", "invoices": rows},
+                ]
+            }
+        ),
+        {"content-type": "application/json"},
+    )
+    results = json.loads(batch.get_body())["results"]
+    assert "theft_probability" in results[0]
+    assert results[1]["error"]["location"] == "records[1].invoices[1].invoice_date"
+
+
+def test_function_answers_head_like_get_without_a_body(invoke: Any) -> None:
+    get = _call(invoke, "GET", "/api/health")
+    head = _call(invoke, "HEAD", "/api/health")
+    assert head.status_code == get.status_code == 200
+    assert head.get_body() == b""
+    assert head.headers["content-length"] == str(len(get.get_body()))
+    assert head.headers["content-type"] == get.headers["content-type"]
+
+
+def test_function_answers_a_trailing_slash_without_redirect(invoke: Any) -> None:
+    response = _call(invoke, "GET", "/api/health/", headers={"host": "evil.example"})
+    assert response.status_code == 200
+    assert "location" not in response.headers
+    assert json.loads(response.get_body())["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("headers", "transform"),
+    [
+        ({}, lambda b: b"\xef\xbb\xbf" + b),
+        ({"content-encoding": "gzip"}, gzip.compress),
+        ({"content-encoding": "deflate"}, zlib.compress),
+    ],
+)
+def test_function_reads_bom_and_encoded_bodies(
+    invoke: Any, reference: TestClient, headers: dict[str, str], transform: Any
+) -> None:
+    body = _body({"customer_id": "c1", "features": FEATURES_BODY})
+    expected = reference.post(
+        "/api/predict", content=body, headers={"content-type": "application/json"}
+    ).json()
+    response = _call(
+        invoke,
+        "POST",
+        "/api/predict",
+        transform(body),
+        {"content-type": "application/json", **headers},
+    )
+    assert response.status_code == 200, response.get_body()[:300]
+    assert json.loads(response.get_body()) == expected
+
+
+def test_function_refuses_unknown_codings_and_bombs(invoke: Any) -> None:
+    body = _body({"customer_id": "c1", "features": FEATURES_BODY})
+    br = _call(
+        invoke,
+        "POST",
+        "/api/predict",
+        body,
+        {"content-type": "application/json", "content-encoding": "br"},
+    )
+    assert br.status_code == 415
+    assert _error(br)["location"] == "header.content-encoding"
+    assert br.headers["accept-encoding"] == "gzip, deflate"
+    limit = Settings.from_env().max_body_bytes
+    bomb = gzip.compress(bytes(limit + 1), 9)
+    assert len(bomb) < limit // 100
+    refused = _call(
+        invoke,
+        "POST",
+        "/api/predict",
+        bomb,
+        {"content-type": "application/json", "content-encoding": "gzip"},
+    )
+    assert refused.status_code == 413
+    assert _error(refused)["code"] == "body_too_large"

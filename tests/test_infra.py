@@ -488,6 +488,33 @@ def test_every_ptd_setting_in_azure_is_read_by_the_code() -> None:
     assert not unread, f"set by infra but read by no code: {sorted(unread)}"
 
 
+def test_request_body_limits_fit_the_instance_memory() -> None:
+    """Issue 13, class 5: the host refuses bodies over the app's limit before they reach the
+    worker, the Bicep's defaults are the code's, and the budget of bodies in work holds the
+    largest body; at about 23 bytes of memory per body byte (docs/OPERATIONS.md, Memory) the
+    budget stays under half of the smallest allowed instance."""
+    from detector.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_INFLIGHT_BODY_BYTES
+
+    settings = app_settings()
+
+    def string_of(param: str) -> dict[str, Any]:
+        return {"function": {"type": "string", "parameters": {"value_to_convert": param}}}
+
+    assert settings["FUNCTIONS_REQUEST_BODY_SIZE_LIMIT"] == string_of("maxBodyBytes")
+    assert settings["PTD_MAX_BODY_BYTES"] == string_of("maxBodyBytes")
+    assert settings["PTD_MAX_INFLIGHT_BODY_BYTES"] == string_of("maxInflightBodyBytes")
+    main, app = parse(MAIN), module("function-app.bicep")
+    for doc in (main, app):
+        assert param_default(doc, "maxBodyBytes") == DEFAULT_MAX_BODY_BYTES
+        assert param_default(doc, "maxInflightBodyBytes") == DEFAULT_MAX_INFLIGHT_BODY_BYTES
+    for name in ("maxBodyBytes", "maxInflightBodyBytes"):
+        assert module_call("functionApp")["params"][name] == name
+    assert DEFAULT_MAX_INFLIGHT_BODY_BYTES >= DEFAULT_MAX_BODY_BYTES
+    smallest_instance_mb = min(decorator(main, "instanceMemoryMB", "allowed"))
+    worst_mb = 23 * DEFAULT_MAX_INFLIGHT_BODY_BYTES / 2**20
+    assert worst_mb < smallest_instance_mb / 2, (worst_mb, smallest_instance_mb)
+
+
 def test_storage_connection_settings_match_the_code() -> None:
     constants = code_string_constants()
     storage_settings = {

@@ -87,7 +87,8 @@ param batchInContainerName string = 'batch-in'
 param batchOutContainerName string = 'batch-out'
 param maxBatchRecords int = 10000
 param maxInvoicesPerCustomer int = 2000
-param maxBodyBytes int = 52428800
+param maxBodyBytes int = 16777216
+param maxInflightBodyBytes int = 25165824
 param maxDecompressedBytes int = 402653184
 param rateLimitPerMinute int = 0
 param corsOrigins string = ''
@@ -209,6 +210,10 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     PTD_MAX_INVOICES_PER_CUSTOMER: string(maxInvoicesPerCustomer)
     PTD_MAX_BODY_BYTES: string(maxBodyBytes)
     PTD_MAX_DECOMPRESSED_BYTES: string(maxDecompressedBytes)
+    PTD_MAX_INFLIGHT_BODY_BYTES: string(maxInflightBodyBytes)
+    // The host refuses a larger body (413) before it reaches the worker's memory (default
+    // 100 MB). https://learn.microsoft.com/azure/azure-functions/functions-app-settings#functions_request_body_size_limit
+    FUNCTIONS_REQUEST_BODY_SIZE_LIMIT: string(maxBodyBytes)
     PTD_RATE_LIMIT_PER_MINUTE: string(rateLimitPerMinute)
     PTD_CORS_ORIGINS: corsOrigins
     PTD_LOG_LEVEL: logLevel
