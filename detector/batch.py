@@ -67,9 +67,9 @@ def _ids(series: pd.Series) -> np.ndarray:
 def _absent_clients(source: str, clients: pd.DataFrame, absent: list[str]) -> pd.DataFrame:
     """One reject row per client of the clients table that has no invoice row at all."""
     ids = _ids(clients["client_id"])
-    wanted = set(absent)
-    first = ~pd.Series(ids).duplicated().to_numpy()
-    rows = np.flatnonzero(first & np.isin(ids, list(wanted)))
+    series = pd.Series(ids)
+    # Series.isin hashes; np.isin on object arrays compares every pair (80 s for 100k clients).
+    rows = np.flatnonzero(~series.duplicated().to_numpy() & series.isin(set(absent)).to_numpy())
     return pd.DataFrame(
         {
             "source": source,
