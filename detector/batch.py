@@ -7,7 +7,9 @@ every client in the input is in `results` or, with the reason, in `rejects`.
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,9 +26,11 @@ from detector.reasons import explain_rows
 from detector.schema import (
     CLIENT_COLUMNS,
     INVOICE_COLUMNS,
+    LONG_ID,
     REQUIRED_INVOICE_COLUMNS,
     InputError,
     Rejects,
+    long_ids,
     prepare_clients,
     prepare_invoices,
 )
@@ -119,6 +123,7 @@ def _features_from_table(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFram
     ids = table["client_id"].astype("string").str.strip()
     reasons = pd.Series("", index=table.index, dtype=object)
     reasons[ids.isna() | (ids == "")] = "missing client_id"
+    reasons[long_ids(ids) & (reasons == "")] = LONG_ID
     values = {}
     for spec in FEATURES:
         column = pd.to_numeric(table[spec.name], errors="coerce").astype(np.float64)
@@ -264,6 +269,11 @@ def score_frames(
 READ_COLUMNS = tuple(dict.fromkeys((*INVOICE_COLUMNS, *CLIENT_COLUMNS, *FEATURE_NAMES)))
 CHUNK_ROWS = 500_000  # rows read at a time
 PARTITION_ROWS = 400_000  # target rows per partition (the unit scored in memory)
+# Clients scored at once: features, scores and reasons take ~2.5 KB per client, so a partition
+# of one-invoice clients (400,000 of them) is split again into blocks of at most this many.
+CLIENT_BLOCK = 100_000
+PARTITION_KEY = "0123456789123456"  # pandas' default hash key: partitions as before
+BLOCK_KEY = "ptd-client-block"  # another key, so blocks do not follow the partitions' residues
 CSV_BYTES_PER_ROW = 100  # to size partitions of a CSV before reading it
 MAX_PARTITIONS = 512
 ROW_COLUMN = "__ptd_row__"
@@ -278,10 +288,11 @@ class FileResult:
     rejects_path: Path | None
 
 
-def partition_of(client_ids: Any, n_partitions: int) -> np.ndarray:
+def partition_of(client_ids: Any, n_partitions: int, hash_key: str = PARTITION_KEY) -> np.ndarray:
     """Partition number of each row from its client_id (stripped, as the schema reads it).
 
     Deterministic across processes (pandas' fixed-key hash), so re-runs write the same files.
+    A second `hash_key` (16 characters) splits a partition again independently of the first.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -299,7 +310,8 @@ def partition_of(client_ids: Any, n_partitions: int) -> np.ndarray:
         codes, raw_uniques = pd.factorize(pd.Series(client_ids), use_na_sentinel=False)
         uniques = pd.Series(raw_uniques, dtype=object)
     stripped = uniques.astype("string").str.strip().fillna("").to_numpy(dtype=object)
-    hashes = np.asarray(pd.util.hash_array(stripped, categorize=False)) % np.uint64(n_partitions)
+    hashed = pd.util.hash_array(stripped, hash_key=hash_key, categorize=False)
+    hashes = np.asarray(hashed) % np.uint64(n_partitions)
     result: np.ndarray = hashes.astype(np.int64)[np.asarray(codes)]
     return result
 
@@ -398,6 +410,30 @@ def _write_partitions(
     return Partitions(offset, pieces, overflow_path if overflow_rows else None, overflow_rows)
 
 
+def _client_blocks(
+    table: pd.DataFrame, clients: pd.DataFrame | None
+) -> Iterator[tuple[pd.DataFrame, pd.DataFrame | None]]:
+    """The partition as it is, or split by client into blocks of about CLIENT_BLOCK clients
+    (each client's invoice rows and clients-file rows in the same block) when it holds more."""
+    ids = table["client_id"] if "client_id" in table.columns else pd.Series([], dtype=object)
+    n_clients = ids.nunique() + (clients["client_id"].nunique() if clients is not None else 0)
+    n_blocks = -(-n_clients // CLIENT_BLOCK)
+    if n_blocks <= 1:
+        yield table, clients
+        return
+    table_blocks = partition_of(ids, n_blocks, BLOCK_KEY)
+    client_blocks = (
+        partition_of(clients["client_id"], n_blocks, BLOCK_KEY) if clients is not None else None
+    )
+    for b in range(n_blocks):
+        block: pd.DataFrame = table.loc[table_blocks == b]
+        if clients is None or client_blocks is None:
+            yield block, None
+        else:
+            selected: pd.DataFrame = clients.loc[client_blocks == b]
+            yield block, selected
+
+
 def _read_partition(pieces: list[Path]) -> pd.DataFrame:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -449,28 +485,93 @@ def score_file(
     `compression.gunzip_to`, refused past `max_decompressed_bytes` (PTD_MAX_DECOMPRESSED_BYTES).
     Raises InputError when the file cannot be used at all.
     """
-    import tempfile
 
     started = time.perf_counter()
     path, out = Path(path), Path(out)
     rejects_out = Path(rejects_out) if rejects_out else out.with_name(out.stem + ".rejects.csv")
     name = artifacts.resolve(model)
-    with tempfile.TemporaryDirectory(prefix="ptd-score-", dir=workdir) as tmp:
-        path = _plain(path, Path(tmp), max_decompressed_bytes)
-        if clients_path is not None:
-            clients_path = _plain(Path(clients_path), Path(tmp), max_decompressed_bytes)
-        return _score_plain_file(
+    inputs = {Path(p).resolve() for p in (path, clients_path) if p is not None}
+    for target in (out, rejects_out):
+        if target.resolve() in inputs:
+            raise InputError(
+                f"{target.name}: an output of this run would overwrite its input; "
+                "choose another --out"
+            )
+    # Written beside the targets and renamed at the end: a run that fails leaves the previous
+    # results (and their summary) as they were, never a truncated file.
+    partial_out = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    partial_rejects = rejects_out.with_name(f".{rejects_out.name}.partial-{os.getpid()}")
+    try:
+        result = _score_to(
             path,
             artifacts,
-            out,
-            rejects_out,
+            partial_out,
+            partial_rejects,
             clients_path,
             name,
             with_reasons,
-            Path(tmp),
+            workdir,
             max_invoices_per_client,
+            max_decompressed_bytes,
             started,
         )
+        os.replace(partial_out, out)
+        if result.rejects_path is not None:
+            os.replace(partial_rejects, rejects_out)
+        else:
+            rejects_out.unlink(missing_ok=True)
+    finally:
+        partial_out.unlink(missing_ok=True)
+        partial_rejects.unlink(missing_ok=True)
+    return FileResult(result.summary, out, rejects_out if result.rejects_path is not None else None)
+
+
+def _score_to(
+    path: Path,
+    artifacts: ArtifactSet,
+    out: Path,
+    rejects_out: Path,
+    clients_path: Path | None,
+    name: str,
+    with_reasons: bool,
+    workdir: Path | None,
+    max_invoices_per_client: int,
+    max_decompressed_bytes: int,
+    started: float,
+) -> FileResult:
+    """`score_file` into the given output paths: gzip inputs decompressed first."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ptd-score-", dir=workdir) as tmp:
+        plain = _plain(path, Path(tmp), max_decompressed_bytes)
+        plain_clients = (
+            _plain(Path(clients_path), Path(tmp), max_decompressed_bytes)
+            if clients_path is not None
+            else None
+        )
+        try:
+            result = _score_plain_file(
+                plain,
+                artifacts,
+                out,
+                rejects_out,
+                plain_clients,
+                name,
+                with_reasons,
+                Path(tmp),
+                max_invoices_per_client,
+                started,
+            )
+        except InputError as exc:  # name the file the user gave, not its decompressed copy
+            message = str(exc)
+            for given, used in ((path, plain), (clients_path, plain_clients)):
+                if given is not None and used is not None and used != Path(given):
+                    message = message.replace(f"{used.name}:", f"{Path(given).name}:", 1)
+            raise InputError(message) from None
+        result.summary["input_gzip"] = plain != path
+        if plain != path:
+            result.summary["input_decompressed_bytes"] = plain.stat().st_size
+        return result
 
 
 def _plain(path: Path, tmp: Path, max_bytes: int) -> Path:
@@ -478,7 +579,11 @@ def _plain(path: Path, tmp: Path, max_bytes: int) -> Path:
     the inner name (`x.csv.gz` -> `x.csv`) because `tables.file_format` goes by the suffix."""
     if not path.is_file() or not is_gzip(path):  # a missing file is tables.open_table's error
         return path
-    inner = path.name[: -len(".gz")] if path.name.lower().endswith(".gz") else path.name
+    inner = path.name
+    for suffix in (".gz", ".gzip"):
+        if inner.lower().endswith(suffix) and len(inner) > len(suffix):
+            inner = inner[: -len(suffix)]
+            break
     target = tmp / "plain" / inner
     target.parent.mkdir(exist_ok=True)
     if target.exists():  # the clients file has the same name as the invoices file
@@ -563,21 +668,23 @@ def _score_plain_file(
                 )
                 part_clients = clients[client_parts == p] if clients is not None else None
                 seconds["read_and_partition"] += time.perf_counter() - t0
-                result = score_frames(table, artifacts, part_clients, name, with_reasons)
+                for block, block_clients in _client_blocks(table, part_clients):
+                    result = score_frames(block, artifacts, block_clients, name, with_reasons)
+                    del block, block_clients
+                    t1 = time.perf_counter()
+                    _write_csv(result.results, results_handle, header=False)
+                    if len(result.rejects):
+                        _write_csv(result.rejects, rejects_file(), header=False)
+                    summary = result.summary
+                    drift_counts = drift.add_counts(drift_counts, result.drift_counts)
+                    for key in totals:
+                        totals[key] += summary[key]
+                    for reason, count in summary["rows_rejected_by_reason"].items():
+                        by_reason[reason] = by_reason.get(reason, 0) + count
+                    seconds["features"] += summary["seconds"]["features"]
+                    seconds["scoring"] += summary["seconds"]["scoring"]
+                    seconds["write"] += time.perf_counter() - t1
                 del table
-                t1 = time.perf_counter()
-                _write_csv(result.results, results_handle, header=False)
-                if len(result.rejects):
-                    _write_csv(result.rejects, rejects_file(), header=False)
-                summary = result.summary
-                drift_counts = drift.add_counts(drift_counts, result.drift_counts)
-                for key in totals:
-                    totals[key] += summary[key]
-                for reason, count in summary["rows_rejected_by_reason"].items():
-                    by_reason[reason] = by_reason.get(reason, 0) + count
-                seconds["features"] += summary["seconds"]["features"]
-                seconds["scoring"] += summary["seconds"]["scoring"]
-                seconds["write"] += time.perf_counter() - t1
         finally:
             if rejects_handle is not None:
                 rejects_handle.close()

@@ -62,7 +62,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any, cast
 
 from detector.batch import score_file
-from detector.compression import gunzip_to, is_gzip
+from detector.compression import gunzip_to
 from detector.config import Settings
 from detector.model import ArtifactSet
 from detector.schema import InputError
@@ -110,8 +110,15 @@ def name_problem(blob_name: str) -> str | None:
     """Why `blob_name` cannot have its own output folder in `batch-out`, or None when it can.
 
     Its outputs are `<blob_name>/<file>`; the longest of them must fit Blob Storage's limits of
-    MAX_BLOB_NAME_CHARS characters and MAX_PATH_SEGMENTS path segments.
+    MAX_BLOB_NAME_CHARS characters and MAX_PATH_SEGMENTS path segments; and names under
+    LONG_NAMES are reserved (the folder of those reports).
     """
+    if blob_name == LONG_NAMES or blob_name.startswith(f"{LONG_NAMES}/"):
+        # Its outputs would share a folder with those of a name too long (or delete them).
+        return (
+            f"names under {LONG_NAMES}/ are reserved for the reports of names that are too "
+            "long: move the file to another folder"
+        )
     extra = max(len(f"/{output}") for output in OUTPUTS)  # "/summary.json"
     chars = _name_chars(blob_name)
     if chars + extra > MAX_BLOB_NAME_CHARS:
@@ -367,22 +374,24 @@ def _encodings(properties: BlobProperties) -> tuple[str, ...]:
     return tuple(coding for coding in codings if coding and coding != "identity")
 
 
-def _local_name(blob_name: str, gzipped: bool) -> str:
-    """`input` + the suffix the file format is recognised by: `x.csv.gz` (gzip) -> `input.csv`.
-    A suffix that is not a short plain word (a name full of dots) becomes `.unknown`."""
+def _local_name(blob_name: str) -> str:
+    """`input` + the suffixes the file format is recognised by: `x.csv` -> `input.csv`,
+    `x.csv.gz` -> `input.csv.gz` (`score_file` decompresses it and reads `input.csv`). A suffix
+    that is not a short plain word (a name full of dots) becomes `.unknown`."""
     path = PurePosixPath(blob_name)
-    suffix = path.suffix
-    if gzipped and suffix.lower() in (".gz", ".gzip"):
-        suffix = PurePosixPath(path.stem).suffix
-    if suffix and not _SIMPLE_SUFFIX.fullmatch(suffix):
-        suffix = ".unknown"
-    return "input" + suffix.lower()
+    suffixes = [path.suffix]
+    if path.suffix.lower() in (".gz", ".gzip"):
+        suffixes.insert(0, PurePosixPath(path.stem).suffix)
+    cleaned = [s if _SIMPLE_SUFFIX.fullmatch(s) else ".unknown" for s in suffixes if s]
+    return "input" + "".join(cleaned).lower()
 
 
 def _prepare(
     blob_name: str, properties: BlobProperties, raw: Path, settings: Settings
 ) -> tuple[Path, dict[str, Any]]:
-    """The downloaded file ready for `score_file`: decompressed when its bytes are gzip.
+    """The downloaded file ready for `score_file`: its Content-Encoding (transport) undone.
+    A gzip *file* (`x.csv.gz`, or gzip bytes under any name) is left to `score_file`, which
+    decompresses it as `ptd score` does.
 
     Raises InputError (error.json) for a Content-Encoding other than gzip, and for a gzip that
     is corrupt or inflates beyond settings.max_decompressed_bytes.
@@ -394,14 +403,13 @@ def _prepare(
             f"{label}: stored with Content-Encoding {', '.join(encodings)}; "
             "only gzip (or none) can be read"
         )
-    gzipped = bool(encodings) or is_gzip(raw)
-    local = raw.with_name(_local_name(blob_name, gzipped))
-    if not gzipped:
+    local = raw.with_name(_local_name(blob_name))
+    if not encodings:
         raw.rename(local)
-        return local, {"input_gzip": False}
+        return local, {}
     size = gunzip_to(raw, local, settings.max_decompressed_bytes, name=label)
     raw.unlink()  # the instance's temporary disk is small (0.8 GB on Flex Consumption)
-    return local, {"input_gzip": True, "input_decompressed_bytes": size}
+    return local, {"input_content_encoding": "gzip", "input_decoded_bytes": size}
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -528,6 +536,10 @@ def process_blob(
                     **identity,
                     **transfer,
                     **encoding,
+                    # gzip on the way (Content-Encoding) or as a file: either way decompressed
+                    "input_gzip": bool(encoding) or summary["input_gzip"],
+                    "input_decompressed_bytes": summary.get("input_decompressed_bytes")
+                    or encoding.get("input_decoded_bytes"),
                     "output_folder": prefix,
                     "outputs": {
                         "results": writer.path(RESULTS),

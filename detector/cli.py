@@ -37,8 +37,16 @@ def _score(args: argparse.Namespace) -> int:
     from detector.batch import score_file
     from detector.config import Settings
     from detector.model import ArtifactSet
+    from detector.schema import InputError
 
     settings = Settings.from_env()
+    summary_path = Path(args.out).with_name(Path(args.out).stem + ".summary.json")
+    given = [Path(p).resolve() for p in (args.invoices, args.clients) if p]
+    if summary_path.resolve() in given:
+        raise InputError(
+            f"{summary_path.name}: an output of this run would overwrite its input; "
+            "choose another --out"
+        )
     artifacts = ArtifactSet(Path(args.model_dir))
     result = score_file(
         Path(args.invoices),
@@ -50,7 +58,6 @@ def _score(args: argparse.Namespace) -> int:
         max_decompressed_bytes=settings.max_decompressed_bytes,
     )
     summary = result.summary
-    summary_path = Path(args.out).with_name(Path(args.out).stem + ".summary.json")
     summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     print(
         f"scored {summary['clients_scored']} clients with {summary['model']} "

@@ -34,7 +34,7 @@ from detector.config import Settings
 from detector.features import FEATURE_NAMES, FEATURES, FeatureSpec
 from detector.model import ArtifactSet
 from detector.reasons import explain_dicts
-from detector.schema import DATE_WINDOW, MAX_YEAR, MIN_YEAR
+from detector.schema import DATE_WINDOW, DUPLICATE_INVOICE, MAX_ID_CHARS, MAX_YEAR, MIN_YEAR
 from detector.telemetry import METRICS
 
 # --- request schema ----------------------------------------------------------------------------
@@ -49,7 +49,7 @@ def _bounded(name: str) -> Any:
     return Field(ge=spec.min, le=spec.max, description=f"{spec.description} [{spec.unit}]")
 
 
-Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"\S")]
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=r"\S")]
 Code = Annotated[int, Field(ge=-INT64, le=INT64)]
 
 # Invoice dates, checked while the record is validated so that a placeholder date (9999-12-31,
@@ -124,7 +124,7 @@ class Invoice(TypedDict):
 
     __pydantic_config__ = STRICT  # type: ignore[misc]
 
-    client_id: NotRequired[Annotated[str, Field(max_length=128)]]
+    client_id: NotRequired[Annotated[str, Field(max_length=MAX_ID_CHARS)]]
     invoice_date: Annotated[
         str,
         Field(max_length=32, pattern=PLAUSIBLE_DATE),
@@ -154,7 +154,7 @@ class Client(TypedDict, total=False):
 
     __pydantic_config__ = STRICT  # type: ignore[misc]
 
-    client_id: Annotated[str, Field(max_length=128)]
+    client_id: Annotated[str, Field(max_length=MAX_ID_CHARS)]
     region: Code | None
     creation_date: Annotated[str | None, Field(max_length=32, description="dd/mm/yyyy")]
     disrict: Code | None
@@ -499,10 +499,11 @@ def _history_features(
                 continue
             text = str(reason)
             column = text.split(":", 1)[0].removeprefix("invalid ").removeprefix("missing ")
+            where = f"invoices[{j}]" if text == DUPLICATE_INVOICE else f"invoices[{j}].{column}"
             errors[index] = RecordError(
                 "invalid_value",
                 f"invoice rejected: {text}",
-                join_location(prefix_of(index), f"invoices[{j}].{column}"),
+                join_location(prefix_of(index), where),
             )
     client_frame = None
     if clients:

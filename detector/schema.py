@@ -53,6 +53,9 @@ CLIENT_ATTRIBUTES = ("district", "region", "client_catg", "creation_day")
 # export error, not a customer.
 MAX_CONSUMPTION = 10_000_000
 MAX_CODE = 10**15
+# A client id is a key, not text: the API refuses longer ones (records.Id), files reject them.
+MAX_ID_CHARS = 128
+LONG_ID = f"invalid client_id: longer than {MAX_ID_CHARS} characters"
 COUNTER_TYPES = ("ELEC", "GAZ")
 # Plausible dates. Exports write placeholders such as 0001-01-01, 1000-01-01, 1900-01-01 or
 # 9999-12-31 for "unknown"; no electricity or gas bill of a living customer is dated before
@@ -170,6 +173,11 @@ def _client_ids(series: pd.Series) -> tuple[pd.Series, np.ndarray]:
     return ids.fillna(""), bad
 
 
+def long_ids(ids: pd.Series) -> np.ndarray:
+    """Rows whose (stripped) id is longer than MAX_ID_CHARS: rejected with LONG_ID."""
+    return (ids.str.len() > MAX_ID_CHARS).fillna(False).to_numpy(dtype=bool)
+
+
 def _numbers(series: pd.Series) -> np.ndarray:
     """Float64 values; anything non-numeric becomes NaN (then rejected by the caller)."""
     import pandas as pd
@@ -193,6 +201,8 @@ def parse_dates(series: pd.Series, day_first: bool = False) -> np.ndarray:
     import pandas as pd
 
     if pd.api.types.is_datetime64_any_dtype(series):
+        if isinstance(series.dtype, pd.DatetimeTZDtype):  # the day where the bill was dated
+            series = series.dt.tz_localize(None)
         values = series.to_numpy()
         days = values.astype("datetime64[D]").astype(np.int64).astype(np.float64)
         days[pd.isna(series).to_numpy()] = np.nan
@@ -237,6 +247,39 @@ def normalise_status(series: pd.Series) -> pd.Series:
     return _through_uniques(series, _status_text).fillna("")
 
 
+DUPLICATE_INVOICE = "duplicate invoice: the same values as an earlier row of this client"
+
+
+def _exact_duplicates(frame: pd.DataFrame) -> np.ndarray:
+    """Rows whose every value (as prepared) equals an earlier row's: the same invoice exported
+    twice, which would otherwise count twice in every feature. Rows get a key from their
+    numbers first (one pass), and only rows sharing a key are compared in full."""
+    import pandas as pd
+
+    if len(frame) < 2:
+        return np.zeros(len(frame), dtype=bool)
+    # A cheap key from the numeric columns (FNV-style multiply-xor of their bit patterns);
+    # hashing the text columns too would cost ten times as much, and equal numbers are rare
+    # enough that the full comparison below sees few rows.
+    key = np.full(len(frame), 0xCBF29CE484222325, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for name in frame.columns:
+            column = frame[name]
+            if column.dtype == np.float64:
+                # Finite by now (non-finite rows are rejected first), so bits are values.
+                bits = np.ascontiguousarray(column.to_numpy()).view(np.uint64)
+                key = (key ^ bits) * np.uint64(0x100000001B3)
+    ordered = np.sort(key)  # sorting (SIMD) finds repeated keys 20x faster than hashing
+    shared = ordered[1:][ordered[1:] == ordered[:-1]]
+    if not len(shared):
+        return np.zeros(len(frame), dtype=bool)
+    candidates = pd.Series(key).isin(np.unique(shared)).to_numpy()  # a small hash table
+    repeated = np.zeros(len(frame), dtype=bool)
+    if candidates.any():
+        repeated[candidates] = frame[candidates].duplicated(keep="first").to_numpy()
+    return repeated
+
+
 def prepare_invoices(raw: pd.DataFrame, row_offset: int = 0) -> PreparedInvoices:
     """Validate and type invoice rows; returns the usable rows and the rejected ones.
 
@@ -253,6 +296,7 @@ def prepare_invoices(raw: pd.DataFrame, row_offset: int = 0) -> PreparedInvoices
 
     client_id, bad_id = _client_ids(raw["client_id"])
     reject(bad_id, "missing client_id")
+    reject(long_ids(client_id), LONG_ID)
     invoice_day = parse_dates(raw["invoice_date"])
     reject(np.isnan(invoice_day), "invalid invoice_date: expected yyyy-mm-dd")
     reject(~in_window(invoice_day), f"invalid invoice_date: outside {DATE_WINDOW}")
@@ -289,6 +333,12 @@ def prepare_invoices(raw: pd.DataFrame, row_offset: int = 0) -> PreparedInvoices
     frame.insert(0, "client_id", client_id[good].reset_index(drop=True))
     frame["counter_statue"] = status[good].reset_index(drop=True)
     frame["counter_type"] = kind[good].reset_index(drop=True)
+    repeated = _exact_duplicates(frame)
+    if repeated.any():
+        positions = np.flatnonzero(good)[repeated]
+        reasons[positions] = DUPLICATE_INVOICE
+        bad[positions], good[positions] = True, False
+        frame = frame[~repeated].reset_index(drop=True)
     rejects = Rejects(
         rows=np.flatnonzero(bad).astype(np.int64) + row_offset,
         client_ids=client_id[bad].to_numpy(dtype=object),
@@ -320,6 +370,7 @@ def prepare_clients(raw: pd.DataFrame | None) -> PreparedClients:
     client_id, bad_id = _client_ids(raw["client_id"])
     reasons = np.full(n, "", dtype=object)
     reasons[bad_id] = "missing client_id"
+    reasons[long_ids(client_id) & (reasons == "")] = LONG_ID
     codes = {}
     for column in ("disrict", "region", "client_catg"):
         values = _numbers(raw[column]).copy() if column in raw.columns else np.full(n, np.nan)

@@ -9,6 +9,12 @@ schema column; `read_table` and `batch.score_file` then read with that. A file t
 used raises `InputError` with one line that says what and where (for a missing column: the header
 as read and the separator detected), never a traceback.
 
+A CSV line longer than MAX_LINE_BYTES (64 KiB; a billing row is about 100 bytes) stops the
+read with an InputError: a parser holds a whole line, and more, so one huge field would cost
+memory in proportion to its size (a 1 GiB client id took 12.8 GB). Client ids are keys: in
+CSV only an empty cell is a missing id (`NA`, `null`, `N/A` are ids a utility may use), while
+the readings keep pandas' usual missing-value words.
+
 Spreadsheets evaluate a cell that starts with `=`, `+`, `-`, `@`, a tab or a carriage return
 (CSV injection, OWASP): `spreadsheet_safe` neutralises such text before it is written to any CSV
 the product produces.
@@ -17,6 +23,7 @@ the product produces.
 from __future__ import annotations
 
 import csv
+import io
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -35,6 +42,8 @@ PARQUET_SUFFIXES = (".parquet", ".pq")
 SEPARATORS = (",", ";", "\t", "|")
 SEPARATOR_NAMES = {",": "','", ";": "';'", "\t": "tab", "|": "'|'"}
 HEADER_BYTES = 1 << 16  # the header must fit in the first 64 KiB
+MAX_LINE_BYTES = 1 << 16  # any CSV line (physical: up to a line feed or carriage return)
+ID_COLUMNS = ("client_id",)  # read as text; only an empty cell is missing
 ENCODING_SAMPLE = 1 << 20  # bytes checked to tell UTF-8 from Windows-1252
 # A cell a spreadsheet would evaluate as a formula (OWASP "CSV Injection").
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -175,6 +184,13 @@ def open_table(path: Path, known: Iterable[str]) -> TableSource:
     """
     path = Path(path)
     known = tuple(known)
+    if path.is_dir():
+        raise InputError(f"{path}: a folder, not a file")
+    if path.exists() and not path.is_file():
+        raise InputError(
+            f"{path}: not a regular file (a pipe or a device is read once; save the export "
+            "to a file)"
+        )
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     if path.stat().st_size == 0:
@@ -221,14 +237,21 @@ def read_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError, pa.ArrowException)
 
 
-def csv_options(source: TableSource) -> dict[str, Any]:
+def csv_options(source: TableSource, usecols: list[str] | None = None) -> dict[str, Any]:
     """pandas.read_csv arguments for the file's dialect. Text columns stay text; with `;` a
-    decimal comma is read as Excel writes it where the comma is the decimal separator."""
+    decimal comma is read as Excel writes it where the comma is the decimal separator. Ids
+    are missing only when empty; other columns use pandas' missing-value words."""
+    from pandas._libs.parsers import STR_NA_VALUES
+
+    ids = set(source.raw_names(ID_COLUMNS))
+    read = usecols if usecols is not None else list(source.raw_columns)
     options: dict[str, Any] = {
         "sep": source.separator,
         "encoding": source.encoding,
         "dtype": {raw: "string" for raw in source.raw_names(("client_id", "counter_statue"))},
         "low_memory": False,
+        "keep_default_na": False,
+        "na_values": {raw: [""] if raw in ids else sorted(STR_NA_VALUES) for raw in read},
     }
     if source.separator == ";":
         options["decimal"] = ","
@@ -262,16 +285,82 @@ def iter_chunks(source: TableSource, wanted: Iterable[str], rows: int) -> Iterat
 
             names = [source.renames.get(c, c) for c in raw]
             for batch in pq.ParquetFile(source.path).iter_batches(batch_size=rows, columns=raw):
-                yield pa.Table.from_batches([batch]).rename_columns(names)
+                yield _dates_as_timestamps(pa.Table.from_batches([batch]).rename_columns(names))
             return
-        reader = pd.read_csv(source.path, usecols=raw, chunksize=rows, **csv_options(source))
-        with reader:
-            for chunk in reader:
-                yield arrow_table(source.rename(chunk))
+        with source.path.open("rb", buffering=0) as handle:
+            bounded = BoundedLines(handle, source.path.name)
+            reader = pd.read_csv(
+                io.BufferedReader(bounded, 1 << 18),
+                usecols=raw,
+                chunksize=rows,
+                compression=None,  # by content, not by name: a plain CSV may be called x.gz
+                **csv_options(source, raw),
+            )
+            with reader:
+                for chunk in reader:
+                    yield arrow_table(source.rename(chunk))
+    except InputError:
+        raise
     except pd.errors.EmptyDataError:
         raise InputError(f"{source.path.name}: the file has no data rows") from None
     except read_errors() as exc:
         raise unreadable(source.path, source.format, exc) from None
+
+
+def _dates_as_timestamps(table: Any) -> Any:
+    """Parquet date32/date64 columns as second timestamps. pandas turns an Arrow date into
+    Python `datetime.date` objects, which cannot hold a year before 1 or after 9999 (a
+    placeholder such as year -768 raised ValueError and stopped the whole file); seconds cover
+    any date32, so the schema sees the day and rejects it as out of the plausible window."""
+    import pyarrow as pa
+
+    for i, kind in enumerate(table.schema.types):
+        if pa.types.is_date(kind):
+            name = table.schema.names[i]
+            table = table.set_column(i, name, table.column(i).cast(pa.timestamp("s")))
+    return table
+
+
+class BoundedLines(io.RawIOBase):
+    """A binary file that raises InputError as soon as one line passes MAX_LINE_BYTES, so a
+    parser reading through it never holds more than that of one line. Line breaks are line
+    feeds and carriage returns; the check is vectorised (about 1 ms per MiB)."""
+
+    def __init__(self, raw: Any, name: str, limit: int = MAX_LINE_BYTES) -> None:
+        super().__init__()
+        self._raw, self._name, self._limit = raw, name, limit
+        self._run = 0  # bytes since the last line break
+        self._line = 1  # line number (line feeds seen + 1) at the start of the next read
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        import numpy as np
+
+        n: int = self._raw.readinto(buffer)
+        if not n:
+            return 0
+        data = np.frombuffer(memoryview(buffer)[:n], dtype=np.uint8)
+        breaks = np.flatnonzero((data == 10) | (data == 13))
+        if not len(breaks):
+            self._run += n
+            longest, where = self._run, 0
+        else:
+            gaps = np.diff(breaks) - 1
+            first = self._run + int(breaks[0])
+            inner = int(gaps.max()) if len(gaps) else 0
+            longest = max(first, inner)
+            where = 0 if first >= inner else int(np.argmax(gaps)) + 1
+            self._run = n - int(breaks[-1]) - 1
+        if longest > self._limit:
+            line = self._line + int(np.count_nonzero(data[breaks[:where]] == 10))
+            raise InputError(
+                f"{self._name}: line {line:,} is longer than {self._limit // 1024} KiB; a "
+                "billing export's row is a few hundred bytes (is this the right file?)"
+            )
+        self._line += int(np.count_nonzero(data[breaks] == 10)) if len(breaks) else 0
+        return n
 
 
 def read_table(path: Path, columns: tuple[str, ...] | None = None) -> pd.DataFrame:

@@ -29,6 +29,7 @@ import io
 import json
 import logging
 import os
+import subprocess
 import sys
 import threading
 import uuid
@@ -147,6 +148,7 @@ def _without_run_details(summary: dict[str, Any]) -> dict[str, Any]:
     """What must be equal between two runs of the same rows stored differently."""
     volatile = {"seconds", "processed_at", "input_blob", "input_etag", "input_bytes"}
     volatile |= {"outputs", "output_folder", "input_gzip", "input_decompressed_bytes"}
+    volatile |= {"input_content_encoding", "input_decoded_bytes"}
     volatile |= {"input_content_md5_checked", "input_format"}
     return {k: v for k, v in summary.items() if k not in volatile}
 
@@ -615,3 +617,84 @@ def test_parquet_with_list_client_ids_gets_error_json(
     _upload(name, _list_id_parquet(invoices))
     _run(app_module, name)
     assert "'client_id' holds list<" in _error(name)
+
+
+def test_an_upload_under_the_reserved_prefix_cannot_overwrite_a_long_names_report(
+    app_module: ModuleType, invoices: pd.DataFrame
+) -> None:
+    long_name = _unique("reserved/") + "n" * 1015 + ".csv"
+    _upload(long_name, _csv(invoices))
+    _run(app_module, long_name)
+    folder = output_prefix(long_name)
+    report = json.loads(_outputs(folder)["error.json"])
+    # Before, this upload's results replaced the report above (and the long name's
+    # redelivery replaced them in turn).
+    intruder = folder  # batch-in/_long-names/<sha256 of the long name>
+    _upload(intruder, _csv(invoices))
+    _run(app_module, intruder)
+    assert json.loads(_outputs(folder)["error.json"]) == report
+    assert set(_outputs(folder)) == {"error.json"}
+    refused = json.loads(_outputs(output_prefix(intruder))["error.json"])
+    assert output_prefix(intruder) != folder
+    assert "names under _long-names/ are reserved" in refused["error"]
+
+
+def test_gzip_layers_are_read_as_ptd_score_reads_them(
+    app_module: ModuleType, invoices: pd.DataFrame, tmp_path: Path
+) -> None:
+    """One gzip file, with or without Content-Encoding on top, scores; a file gzipped twice
+    gets the same one-line refusal that `ptd score` prints for it."""
+    from azure.storage.blob import ContentSettings
+
+    data = _csv(invoices)
+    stem = _unique("layers/export")
+    _upload(f"{stem}.csv", data)
+    _upload(
+        f"{stem}-both.csv.gz",
+        gzip.compress(gzip.compress(data)),
+        content_settings=ContentSettings(content_encoding="gzip"),
+    )
+    _upload(f"{stem}-twice.csv.gz", gzip.compress(gzip.compress(data)))
+    for suffix in (".csv", "-both.csv.gz", "-twice.csv.gz"):
+        _run(app_module, stem + suffix)
+    want, got = _summary(f"{stem}.csv"), _summary(f"{stem}-both.csv.gz")
+    assert got["input_gzip"] is True and got["input_decompressed_bytes"] == len(data)
+    assert _without_run_details(got) == _without_run_details(want)
+    error = _error(f"{stem}-twice.csv.gz")
+    local = tmp_path / "export-twice.csv.gz"
+    local.write_bytes(gzip.compress(gzip.compress(data)))
+    cli = subprocess.run(
+        [sys.executable, "-m", "detector", "score", str(local), "--out", str(tmp_path / "r.csv")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert cli.returncode == 2
+    expected = "gzip-compressed; decompress it first"
+    assert expected in error and expected in cli.stderr
+
+
+def test_a_parquet_date_outside_python_s_range_is_one_rejected_row(
+    app_module: ModuleType, invoices: pd.DataFrame
+) -> None:
+    """Before, a date32 of year -768 raised ValueError in pandas' conversion: the blob was
+    retried as a service failure and poisoned, every other row unscored."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(invoices, preserve_index=False)
+    days = pd.to_datetime(invoices["invoice_date"]).to_numpy().astype("datetime64[D]")
+    values = days.astype(np.int64).astype(np.int32)
+    values[0] = -1_000_000  # year -768
+    index = table.schema.get_field_index("invoice_date")
+    table = table.set_column(index, "invoice_date", pa.array(values).cast(pa.date32()))
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    name = _unique("dates/ancient") + ".parquet"
+    _upload(name, buffer.getvalue())
+    _run(app_module, name)
+    summary = _summary(name)
+    assert summary["input_rows"] == len(invoices)
+    assert summary["rows_rejected_by_reason"] == {"invalid invoice_date": 1}
+    rejects = _outputs(output_prefix(name))["rejects.csv"].decode()
+    assert "invalid invoice_date: outside 1950-01-01 to 2099-12-31" in rejects

@@ -404,3 +404,26 @@ def test_every_client_in_the_top_5_percent_gets_a_reason(
     reasons = explain_rows(scores.features[top], scores.contributions[top], bundled.typical)
     assert all(len(r) >= 1 for r in reasons)
     assert all(r.text and "nan" not in r.text for row in reasons for r in row)
+
+
+@pytest.mark.parametrize("name", ["lightgbm", "random_forest", "logistic_regression"])
+def test_rows_explained_in_blocks_equal_rows_explained_at_once(
+    tiny_artifacts: ArtifactSet, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks bound the memory of the leaf ids ((rows, trees) int64: 4.4 GB for 1.5 M rows);
+    they must not change a single number."""
+    from detector.model.trees import CompiledTrees
+
+    values = random_features(tiny_artifacts, 1_000, seed=11)
+    whole = tiny_artifacts.score(values, name)
+    monkeypatch.setattr(CompiledTrees, "EXPLAIN_BLOCK_ROWS", 97)
+    blocked = tiny_artifacts.score(values, name)
+    np.testing.assert_array_equal(blocked.probability, whole.probability)
+    np.testing.assert_array_equal(blocked.margin, whole.margin)
+    assert blocked.contributions is not None and whole.contributions is not None
+    # A block of at most 64 rows sums its contributions in float64, larger ones in float32
+    # (trees.explain): the same rows agree to float32 precision.
+    np.testing.assert_allclose(blocked.contributions, whole.contributions, rtol=1e-6, atol=1e-6)
+    without = tiny_artifacts.score(values, name, with_contributions=False)
+    assert without.contributions is None
+    np.testing.assert_array_equal(without.probability, whole.probability)

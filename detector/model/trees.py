@@ -70,6 +70,7 @@ class CompiledTrees:
     outputs is the log-odds margin, through the logistic function the probability)."""
 
     CHUNK_PAIRS = 1 << 16  # (row, tree) pairs walked at once: keeps the working set in cache
+    EXPLAIN_BLOCK_ROWS = 16_384  # rows explained at once: ~140 MB for 348 trees
 
     def __init__(self, arrays: dict[str, np.ndarray], aggregate: str, n_features: int) -> None:
         _check(aggregate in ("mean", "sum"), f"unknown aggregate {aggregate!r}")
@@ -288,7 +289,28 @@ class CompiledTrees:
                 return node
 
     def explain(self, x: np.ndarray, with_contributions: bool = True) -> Explained:
-        """Scores of (n, n_features) rows; NaN is missing (a forest expects imputed rows)."""
+        """Scores of (n, n_features) rows; NaN is missing (a forest expects imputed rows).
+
+        Rows go through in blocks of EXPLAIN_BLOCK_ROWS: the leaf ids and their gathers take
+        about 3 x 8 bytes per (row, tree) pair, so a block bounds memory whatever `n` is (a file
+        of 1.5 M one-invoice clients took 4.4 GB in one piece)."""
+        n = len(x)
+        if n <= self.EXPLAIN_BLOCK_ROWS:
+            return self._explain_block(x, with_contributions)
+        parts = [
+            self._explain_block(x[start : start + self.EXPLAIN_BLOCK_ROWS], with_contributions)
+            for start in range(0, n, self.EXPLAIN_BLOCK_ROWS)
+        ]
+        return Explained(
+            np.concatenate([p.probability for p in parts]),
+            np.concatenate([p.margin for p in parts]),
+            self.base_value,
+            np.concatenate([p.contributions for p in parts if p.contributions is not None])
+            if with_contributions
+            else None,
+        )
+
+    def _explain_block(self, x: np.ndarray, with_contributions: bool) -> Explained:
         leaves = self.leaves(x)
         margin = self.value[leaves].sum(axis=1) * self.scale
         probability = margin if self.aggregate == "mean" else _logistic(margin)
