@@ -11,17 +11,17 @@ Layout of the models container (`PTD_MODEL_CONTAINER`, default `models`):
     audit/<time>-<action>-<version>.json   who published or activated what, and what was before
 
 Version names match `VERSION_PATTERN` (letters, digits, `.`, `_`, `-`; at most 64 characters,
-starting with a letter or digit) everywhere a version is named. `ptd publish` validates the set
-(`ArtifactSet`: checksums and every number, shape and tree), then uploads it under a lease on the
-version's lock blob, files first and the manifest last with If-None-Match: two publishers of one
-version can never mix their files. `ptd activate VERSION` records the SHA-256 of the version's
-manifest in the pointer (rollback = activate the previous version). On cold start `load_artifacts`
-reads the pointer (or the pinned `PTD_MODEL_VERSION`, optionally `VERSION@sha256:HASH`), refuses
-a version whose manifest no longer has the activated hash (edited in place), downloads the serving
-files (`model.serving_files`: not the reference files, which stay in the store) into
-`PTD_MODEL_CACHE_DIR/<version>/` and lets `ArtifactSet` check their SHA-256 and validate them
-before anything is served. Every failure is a `ModelError` whose message says what is wrong and
-where; the API answers /api/health with 503 and that reason.
+starting with a letter or digit, not ending with `.`) everywhere a version is named. `ptd publish`
+validates the set (`ArtifactSet`: checksums and every number, shape and tree), then uploads it
+under a lease on the version's lock blob, files first and the manifest last with If-None-Match: two
+publishers of one version can never mix their files. `ptd activate VERSION` records the SHA-256 of
+the version's manifest in the pointer (rollback = activate the previous version). On cold start
+`load_artifacts` reads the pointer (or the pinned `PTD_MODEL_VERSION`, optionally
+`VERSION@sha256:HASH`), refuses a version whose manifest no longer has the activated hash (edited
+in place), downloads the serving files (`model.serving_files`: not the reference files, which stay
+in the store) into `PTD_MODEL_CACHE_DIR/<version>/` and lets `ArtifactSet` check their SHA-256 and
+validate them before anything is served. Every failure is a `ModelError` whose message says what is
+wrong and where; the API answers /api/health with 503 and that reason.
 
 The connection follows the Functions convention for a connection named `STORAGE`: setting
 `STORAGE` is a connection string (`UseDevelopmentStorage=true` means Azurite on 127.0.0.1:10000),

@@ -25,7 +25,7 @@ from detector.api import create_app
 from detector.config import ConfigError, Settings
 from detector.model import MANIFEST, ArtifactSet, ModelError, sha256_file, verify_manifest
 from detector.model.artifacts import load_arrays
-from detector.store import POINTER, ModelStore, load_artifacts
+from detector.store import POINTER, ModelStore, check_version, load_artifacts
 
 pytestmark = [pytest.mark.azurite, pytest.mark.xdist_group("azurite")]
 REPO = Path(__file__).resolve().parent.parent
@@ -247,7 +247,11 @@ def test_training_validates_before_it_writes(
 
 # --- names ---------------------------------------------------------------------------------------
 
-BAD_NAMES = ["a\\b", "x" * 300, "v1\x1b[31m", "../v1", ".hidden", "a/b", "a b", "", "-v1", "v1?"]
+BAD_NAMES = [
+    *("a\\b", "x" * 300, "v1\x1b[31m", "../v1", ".hidden", "a/b", "a b", "", "-v1", "v1?"),
+    # Azure Storage advises that no blob path segment end with a dot.
+    *("x.", "v1..", "x" * 63 + "."),
+]
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)
@@ -266,14 +270,23 @@ def test_invalid_version_names_are_refused_everywhere(
     assert store.versions() == []
 
 
+@pytest.mark.parametrize("name", ["1", "v1.0", "v1.0-rc_1", "x_", "x-", "x" * 64, "a.b.c"])
+def test_names_at_the_edges_of_the_rule_are_accepted(name: str) -> None:
+    assert check_version(name) == name
+    assert Settings.from_env({"PTD_MODEL_VERSION": name}).model_version == name
+    with pytest.raises(ModelError, match="invalid model version"):
+        check_version(name + "x" * (65 - len(name)))  # 65 characters
+
+
 def test_a_nested_name_written_behind_the_store_is_not_a_version(
     tmp_path: Path, azurite: str, tiny_artifacts_dir: Path
 ) -> None:
     _, store, _ = _store(tmp_path, azurite)
     store.publish(tiny_artifacts_dir, version="ok")
     store.container.upload_blob(f"a\\b/{MANIFEST}", b"{}")  # Blob Storage reads "\\" as "/"
+    store.container.upload_blob(f"x./{MANIFEST}", b"{}")  # a segment ending with a dot
     assert store.versions() == ["ok"]
-    assert store.describe()["invalid_names"] == ["a/b"]
+    assert store.describe()["invalid_names"] == ["a/b", "x."]
 
 
 # --- concurrent publishes ------------------------------------------------------------------------
