@@ -304,7 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     publish = sub.add_parser("publish", help="upload model artifacts to blob storage as a version")
     publish.add_argument("--artifacts", default=str(BUNDLED_MODEL_DIR), help="artifact folder")
-    publish.add_argument("--version", default=None, help="version name (default: the manifest's)")
+    publish.add_argument(
+        "--version",
+        default=None,
+        help="the version name; must be the manifest's model_version (the default): a set is "
+        "published under its own version",
+    )
     publish.add_argument("--activate", action="store_true", help="make it the served version")
     publish.add_argument(
         "--activate-if-none",

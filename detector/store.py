@@ -432,23 +432,35 @@ class ModelStore:
         activate_if_none: bool = False,
         actor: str | None = None,
     ) -> str:
-        """Upload a validated local artifact folder as `version` (default: its model_version).
+        """Upload a validated local artifact folder under its own `model_version`.
 
-        The set is checked as serving will check it (`ArtifactSet`: checksums, numbers,
-        shapes, trees) before anything is uploaded. The upload holds a lease on the version's
-        lock blob, so a concurrent publish of the same version fails cleanly instead of mixing
-        files; files go first and the manifest last (If-None-Match: *), so a half-finished
-        upload is never a version. Publishing a version that already exists with the same
-        manifest is a no-op (the deploy workflow retries); a different manifest under the same
-        name is refused. `activate` moves the pointer to it; `activate_if_none` only when no
-        version is active. Raises ModelError.
+        `version`, when given, must be that model_version (a set published under another name
+        would report another version in /api/health and make rollbacks unverifiable; every cold
+        start refuses such a version, see `open_version`). The set is checked as serving will
+        check it (`ArtifactSet`: checksums, numbers, shapes, trees) before anything is
+        uploaded. The upload holds a lease on the version's lock blob, so a concurrent publish
+        of the same version fails cleanly instead of mixing files; files go first and the
+        manifest last (If-None-Match: *), so a half-finished upload is never a version.
+        Publishing a version that already exists with the same manifest is a no-op (the deploy
+        workflow retries); a different manifest under the same name is refused. `activate`
+        moves the pointer to it (`activate`: the stored set verified first); `activate_if_none`
+        only when no version is active. Raises ModelError.
         """
         from azure.storage.blob import ContentSettings
 
         artifacts_dir = Path(artifacts_dir)
+        if version:
+            check_version(version)
         verify_manifest(artifacts_dir)  # the full set: references are uploaded too
         checked = ArtifactSet(artifacts_dir)  # the same validation as a cold start
-        version = check_version(version or checked.version)
+        if version and version != checked.version:
+            raise ModelError(
+                f"--version {version!r} is not the set's model_version {checked.version!r} "
+                f"({artifacts_dir / MANIFEST}): a set is published under its own version, so "
+                "that /api/health, /api/model_info and rollbacks name what is served; leave "
+                "--version out, or retrain (`ptd train`) for a new version"
+            )
+        version = check_version(checked.version)
         actor = actor or self.actor()
         manifest_bytes = (artifacts_dir / MANIFEST).read_bytes()
         digest = sha256_bytes(manifest_bytes)
@@ -494,7 +506,7 @@ class ModelStore:
         if existing != manifest_bytes:
             raise ModelError(
                 f"model version {version!r} already exists in {self.where} with a different "
-                "manifest; versions are immutable: publish under a new --version"
+                "manifest; versions are immutable: retrain (`ptd train`) for a new version"
             )
 
     @contextlib.contextmanager
@@ -763,9 +775,18 @@ def open_version(directory: Path, version: str) -> ArtifactSet:
     """The set `download` put in `directory`, validated and loaded as serving loads it
     (`ArtifactSet`: every SHA-256 again, every number, shape and tree), for `version`.
 
-    The last step of every cold start, `ptd fetch` and activation. Raises ModelError.
+    The last step of every cold start, `ptd fetch` and activation. The manifest's
+    `model_version` must be the folder's name: the app reports it in /api/health and
+    /api/model_info, so a set stored under another name would report a version that is not
+    the one served (two versions, one name; a rollback that cannot be checked). Raises ModelError.
     """
-    return ArtifactSet(directory)
+    artifacts = ArtifactSet(directory)
+    if artifacts.version != version:
+        raise ModelError(
+            f"model version {version!r}: its manifest's model_version is {artifacts.version!r}: "
+            "refusing to serve a set under another version's name; publish it under its own"
+        )
+    return artifacts
 
 
 def check_version(version: str) -> str:

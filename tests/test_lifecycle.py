@@ -104,18 +104,19 @@ def test_versions_list_hashes_and_whether_they_match_what_was_published(
     tmp_path: Path, azurite: str, tiny_artifacts_dir: Path
 ) -> None:
     _, store, _ = _store(tmp_path, azurite)
-    store.publish(tiny_artifacts_dir, version="v1", activate=True)
-    store.publish(tiny_artifacts_dir, version="v2")
-    digest = hashlib.sha256((tiny_artifacts_dir / MANIFEST).read_bytes()).hexdigest()
+    sets = {v: _named(tiny_artifacts_dir, tmp_path / v, v) for v in ("v1", "v2")}
+    store.publish(sets["v1"], activate=True)
+    store.publish(sets["v2"])
     described = store.describe()
     assert [(e["version"], e["state"], e["current"]) for e in described["versions"]] == [
         ("v1", "ok", True),
         ("v2", "ok", False),
     ]
-    assert all(
-        e["manifest_sha256"] == e["published_sha256"] == digest for e in described["versions"]
-    )
-    manifest = json.loads((tiny_artifacts_dir / MANIFEST).read_text())
+    for e in described["versions"]:
+        digest = hashlib.sha256((sets[e["version"]] / MANIFEST).read_bytes()).hexdigest()
+        assert e["manifest_sha256"] == e["published_sha256"] == digest
+        assert e["verified"] is None  # the files were not read
+    manifest = json.loads((sets["v2"] / MANIFEST).read_text())
     manifest["created_at"] = "changed"
     store.container.upload_blob(f"v2/{MANIFEST}", json.dumps(manifest), overwrite=True)
     assert {e["version"]: e["state"] for e in store.describe()["versions"]}["v2"] == "changed"
@@ -280,6 +281,78 @@ def test_verification_streams_the_files_in_bounded_memory(
     # Measured: +17 MB (4 MiB GETs, two at once); 133 MB when the file is read whole.
     small_kb, big_kb = peak_kb(small), peak_kb(big)
     assert (big_kb - small_kb) * 1024 < size / 3, (small_kb, big_kb)
+
+
+# --- a set is published and served under its own version only ------------------------------------
+
+
+def test_publish_refuses_a_version_name_other_than_the_manifests(
+    tmp_path: Path,
+    azurite: str,
+    tiny_artifacts_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    settings, store, _ = _store(tmp_path, azurite)
+    own = ArtifactSet(tiny_artifacts_dir).version
+    with pytest.raises(
+        ModelError, match=f"--version 'other' is not the set's model_version '{own}'.*retrain"
+    ):
+        store.publish(tiny_artifacts_dir, version="other")
+    assert store.versions() == []
+    monkeypatch.setenv("STORAGE", azurite)
+    monkeypatch.setenv("PTD_MODEL_CONTAINER", settings.model_container)
+    capsys.readouterr()
+    args = ["publish", "--artifacts", str(tiny_artifacts_dir), "--version"]
+    assert cli_main([*args, "other", "--activate"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.startswith("ptd publish: error: --version 'other' is not the set's") and "\n" not in err
+    )
+    assert store.versions() == []  # nothing uploaded, not even the container
+    assert cli_main([*args, own]) == 0  # its own name, spelt out: accepted
+    assert store.versions() == [own] and store.current() is None
+
+
+def test_a_version_stored_under_another_name_is_refused_at_activation_and_cold_start(
+    tmp_path: Path,
+    azurite: str,
+    tiny_artifacts_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A set copied under another name behind the store (or published under a --version of its
+    choosing by an older ptd) would report its manifest's version while another is served."""
+    settings, store, env = _store(tmp_path, azurite)
+    good = store.publish(_named(tiny_artifacts_dir, tmp_path / "good", "good"), activate=True)
+    own = ArtifactSet(tiny_artifacts_dir).version
+    for name in [*json.loads((tiny_artifacts_dir / MANIFEST).read_text())["files"], MANIFEST]:
+        data = (tiny_artifacts_dir / name).read_bytes()
+        store.container.upload_blob(f"renamed/{name}", data)
+    refusal = f"its manifest's model_version is '{own}'"
+    with pytest.raises(ModelError, match=f"model version 'renamed' not activated: {refusal}"):
+        store.activate("renamed")
+    assert (store.current() or {})["version"] == good
+    # The cold start refuses it, pinned or through a pointer written before this check: 503.
+    pointer = {
+        "version": "renamed",
+        "manifest_sha256": sha256_file(tiny_artifacts_dir / MANIFEST),
+        "previous": good,
+    }
+    store.container.upload_blob(POINTER, json.dumps(pointer), overwrite=True)
+    pinned = Settings(**{**settings.__dict__, "model_version": "renamed"})
+    for chosen in (settings, pinned):
+        with pytest.raises(ModelError, match=refusal):
+            load_artifacts(chosen, env)
+        with TestClient(create_app(chosen, lambda c=chosen: load_artifacts(c, env))) as client:
+            health = client.get("/api/health")
+        assert health.status_code == 503 and refusal in health.json()["reason"]
+    # `ptd fetch` (the smoke test's golden scores, the retraining's champion) too.
+    monkeypatch.setenv("STORAGE", azurite)
+    monkeypatch.setenv("PTD_MODEL_CONTAINER", settings.model_container)
+    capsys.readouterr()
+    assert cli_main(["fetch", "renamed", "--out", str(tmp_path / "fetched")]) == 2
+    assert refusal in capsys.readouterr().err
 
 
 # --- sets checked before they are published or served --------------------------------------------
@@ -448,7 +521,7 @@ def test_a_nested_name_written_behind_the_store_is_not_a_version(
     tmp_path: Path, azurite: str, tiny_artifacts_dir: Path
 ) -> None:
     _, store, _ = _store(tmp_path, azurite)
-    store.publish(tiny_artifacts_dir, version="ok")
+    store.publish(_named(tiny_artifacts_dir, tmp_path / "ok", "ok"), version="ok")
     store.container.upload_blob(f"a\\b/{MANIFEST}", b"{}")  # Blob Storage reads "\\" as "/"
     store.container.upload_blob(f"x./{MANIFEST}", b"{}")  # a segment ending with a dot
     assert store.versions() == ["ok"]
@@ -461,7 +534,10 @@ def test_a_nested_name_written_behind_the_store_is_not_a_version(
 def test_two_publishers_of_one_version_never_leave_a_mixed_version(
     tmp_path: Path, azurite: str, tiny_artifacts_dir: Path
 ) -> None:
-    other = _copy(tiny_artifacts_dir, tmp_path / "other", created_at="another training")
+    mine = _named(tiny_artifacts_dir, tmp_path / "mine", "race")
+    other = _copy(
+        tiny_artifacts_dir, tmp_path / "other", created_at="another training", model_version="race"
+    )
     features = json.loads((other / "features.json").read_text())
     features["missing"] = "another text, so every file but the arrays differs"
     (other / "features.json").write_text(json.dumps(features))
@@ -486,7 +562,7 @@ def test_two_publishers_of_one_version_never_leave_a_mixed_version(
                 outcomes[label] = str(exc)
 
         threads = [
-            threading.Thread(target=publish, args=("a", tiny_artifacts_dir)),
+            threading.Thread(target=publish, args=("a", mine)),
             threading.Thread(target=publish, args=("b", other)),
         ]
         for thread in threads:
@@ -514,9 +590,9 @@ def test_publish_and_activate_write_audit_events_naming_who(
 ) -> None:
     _, store, _ = _store(tmp_path, azurite)
     monkeypatch.setenv("PTD_ACTOR", "github:octocat")
-    store.publish(tiny_artifacts_dir, version="v1", activate=True)
+    store.publish(_named(tiny_artifacts_dir, tmp_path / "v1", "v1"), activate=True)
     monkeypatch.delenv("PTD_ACTOR")
-    store.publish(tiny_artifacts_dir, version="v2", activate=True)
+    store.publish(_named(tiny_artifacts_dir, tmp_path / "v2", "v2"), version="v2", activate=True)
     events = [
         json.loads(store.container.download_blob(b.name).readall())
         for b in store.container.list_blobs(name_starts_with="audit/")
@@ -572,7 +648,7 @@ def test_a_deploy_never_replaces_the_active_version_unless_asked(
     first = _publish_step(tmp_path, azurite, container)
     assert first["active"] == first["bundled"] == bundled.version and first["activated"] == "true"
     # An operator rolls forward to another model.
-    store.publish(tiny_artifacts_dir, version="operator-choice", activate=True)
+    store.publish(_named(tiny_artifacts_dir, tmp_path / "op", "operator-choice"), activate=True)
     pointer = store.current()
     # The next deploy publishes the bundled set again but leaves the operator's choice active,
     # and fetches that set for the smoke test's golden scores.
@@ -583,7 +659,7 @@ def test_a_deploy_never_replaces_the_active_version_unless_asked(
         "operator-choice",
         "false",
     )
-    assert ArtifactSet(Path(again["model_dir"])).version == ArtifactSet(tiny_artifacts_dir).version
+    assert ArtifactSet(Path(again["model_dir"])).version == "operator-choice"
     # Asked for explicitly (the workflow input), the bundled model is activated.
     forced = _publish_step(tmp_path, azurite, container, ACTIVATE_BUNDLED_MODEL="true")
     assert forced["active"] == bundled.version and forced["activated"] == "true"
