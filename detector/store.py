@@ -4,7 +4,8 @@ Layout of the models container (`PTD_MODEL_CONTAINER`, default `models`):
 
     <version>/<file>            every file listed in the version's manifest (references included)
     <version>/manifest.json     written last: a version exists only once its manifest does
-    <version>/manifest.json.sha256   the manifest's SHA-256 when it was published (written once)
+    <version>/manifest.json.sha256   the manifest's SHA-256 when it was published (created
+                                once, If-None-Match: publish never overwrites it)
     <version>/.publishing       a lock blob, leased while a publish of the version runs
     current.json                the served version: {"version", "manifest_sha256", "previous",
                                 "previous_manifest_sha256", "activated_at", "activated_by"}
@@ -481,9 +482,7 @@ class ModelStore:
                                     f"{version}/{name}", handle, overwrite=True
                                 )
                             renew()
-                        self.container.upload_blob(
-                            f"{manifest_name}{HASH_SUFFIX}", digest.encode(), overwrite=True
-                        )
+                        self._record_published_sha256(version, digest)
                         self.container.upload_blob(
                             manifest_name,
                             manifest_bytes,
@@ -500,6 +499,29 @@ class ModelStore:
         if activate or (activate_if_none and self.current() is None):
             self.activate(version, actor=actor)
         return version
+
+    def _record_published_sha256(self, version: str, digest: str) -> None:
+        """Write `<version>/manifest.json.sha256` once: a conditional create (If-None-Match: *),
+        so a publish never overwrites it. One left by an unfinished publish of this same
+        manifest is kept as it is; one that records another manifest refuses the publish.
+
+        It is a record, not a signature: whoever may write to the container can replace it
+        together with the manifest (docs/RUNBOOKS.md, "Model rollback"). Raises ModelError.
+        """
+        from azure.core.exceptions import ResourceExistsError
+
+        name = f"{version}/{MANIFEST}{HASH_SUFFIX}"
+        try:
+            self.container.upload_blob(name, digest.encode(), overwrite=False)
+        except ResourceExistsError:
+            recorded = self._published_sha256(version) or ""
+            if recorded != digest:
+                raise ModelError(
+                    f"model version {version!r}: {name} in {self.where} already records another "
+                    f"manifest (SHA-256 {recorded[:12]}..., this one {digest[:12]}...), left by "
+                    "an unfinished publish; it is never overwritten: retrain (`ptd train`) for a "
+                    "new version"
+                ) from None
 
     def _same_manifest(self, version: str, manifest_bytes: bytes) -> None:
         existing = self._download_bytes(f"{version}/{MANIFEST}", f"model version {version!r}")

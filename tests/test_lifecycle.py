@@ -283,6 +283,32 @@ def test_verification_streams_the_files_in_bounded_memory(
     assert (big_kb - small_kb) * 1024 < size / 3, (small_kb, big_kb)
 
 
+def test_publish_never_overwrites_the_published_hash(
+    tmp_path: Path, azurite: str, tiny_artifacts_dir: Path
+) -> None:
+    """`manifest.json.sha256` is created once (If-None-Match): a publish that finds one (left by
+    an interrupted publish: files and hash uploaded, no manifest yet) keeps it as it is."""
+    _, store, _ = _store(tmp_path, azurite)
+    version = ArtifactSet(tiny_artifacts_dir).version
+    digest = sha256_file(tiny_artifacts_dir / MANIFEST)
+    sidecar = store.container.get_blob_client(f"{version}/{MANIFEST}.sha256")
+    store.container.create_container()
+    sidecar.upload_blob(digest.encode())  # the same manifest's: the publish resumes
+    etag = sidecar.get_blob_properties().etag
+    assert store.publish(tiny_artifacts_dir) == version
+    assert sidecar.get_blob_properties().etag == etag  # not rewritten
+    assert {e["version"]: e["state"] for e in store.describe()["versions"]} == {version: "ok"}
+    # One that records another manifest is never replaced: that publish is refused.
+    other = _named(tiny_artifacts_dir, tmp_path / "other", "other")
+    blob = store.container.get_blob_client(f"other/{MANIFEST}.sha256")
+    blob.upload_blob(b"0" * 64)
+    etag = blob.get_blob_properties().etag
+    with pytest.raises(ModelError, match=r"already records another manifest .* never overwritten"):
+        store.publish(other)
+    assert blob.get_blob_properties().etag == etag
+    assert store.versions() == [version]
+
+
 # --- a set is published and served under its own version only ------------------------------------
 
 
