@@ -202,6 +202,7 @@ def _fetch(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from detector.training import train
+    from detector.training.outcomes import counts_line
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     results = train(
@@ -220,6 +221,9 @@ def _train(args: argparse.Namespace) -> int:
             f"{holdout['full']['precision_top_1pct']:.3f}",
             file=sys.stderr,
         )
+    outcomes = results["data"].get("outcomes")
+    if outcomes:
+        print(counts_line(outcomes), file=sys.stderr)
     print(
         f"model version {results['model_version']} written to {args.out} "
         f"in {results['total_seconds']:.0f} s",
@@ -266,13 +270,20 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _snapshot(args: argparse.Namespace) -> int:
+    """Download a retrain's data; JSON summary on stdout, the outcome counts on stderr."""
     import json
 
     from detector.config import Settings
+    from detector.training.outcomes import counts_line
     from detector.training.snapshot import take_snapshot
 
     taken = take_snapshot(Path(args.out), Settings.from_env())
     print(json.dumps(taken, indent=2))
+    if taken["outcome_files"]:
+        line = counts_line(taken, len(taken["outcome_files"]))
+        if taken.get("outcome_rejects"):
+            line += f"; each rejected row with its reason in {taken['outcome_rejects']}"
+        print(line, file=sys.stderr)
     return 0
 
 
