@@ -357,9 +357,10 @@ class ModelStore:
 
         That compares the manifest only (one small blob per version): its files are not read.
         With `verify`, each version is also checked as activation checks it (`verify`: every
-        listed file downloaded, one version at a time, and hashed in 1 MiB blocks; the current
-        one against the pointer's hash): `verified` is then True or False with `verify_error`,
-        else None. Raises ModelError when the store cannot be listed or read.
+        listed file downloaded, one version at a time, and hashed in 1 MiB blocks; the manifest
+        against its published hash; the current one against the pointer's too): `verified` is
+        then True or False with `verify_error`, else None. Raises ModelError when the store
+        cannot be listed or read.
         """
         folders = self._manifest_folders()
         pointer = self.current() if folders else None
@@ -377,7 +378,7 @@ class ModelStore:
             error: str | None = None
             if verify:
                 try:
-                    self.verify(version, activated or None)
+                    self._verify_as_published(version, activated or None)
                     verified = True
                 except ModelError as exc:
                     verified, error = False, str(exc)
@@ -596,6 +597,20 @@ class ModelStore:
             open_version(directory, version)
             return sha256_file(directory / MANIFEST)
 
+    def _verify_as_published(self, version: str, expected_sha256: str | None = None) -> str:
+        """`verify`, and the verified manifest must be the one recorded when the version was
+        published (`manifest.json.sha256`, when there is one): what activation requires.
+        Returns the manifest's SHA-256. Raises ModelError."""
+        digest = self.verify(version, expected_sha256)
+        published = self._published_sha256(version)
+        if published and published != digest:
+            raise ModelError(
+                f"model version {version!r}: its manifest changed since it was published "
+                f"(SHA-256 {digest[:12]}..., published {published[:12]}...); see RUNBOOKS, "
+                "'A model version changed under its name'"
+            )
+        return digest
+
     def activate(self, version: str, actor: str | None = None) -> dict[str, Any]:
         """Point `current.json` at a stored version once it is proven intact; returns the new
         pointer, pinned to the SHA-256 of the manifest that was verified.
@@ -622,17 +637,10 @@ class ModelStore:
         actor = actor or self.actor()
         started = time.perf_counter()
         try:
-            digest = self.verify(version)
+            digest = self._verify_as_published(version)
         except ModelError as exc:
             reason = str(exc).removeprefix(f"model version {version!r}: ")
             raise ModelError(f"model version {version!r} not activated: {reason}") from None
-        published = self._published_sha256(version)
-        if published and published != digest:
-            raise ModelError(
-                f"model version {version!r} not activated: its manifest changed since it was "
-                f"published (SHA-256 {digest[:12]}..., published {published[:12]}...); see "
-                "RUNBOOKS, 'A model version changed under its name'"
-            )
         log.info(
             "model version %s verified for activation in %.2f s",
             version,

@@ -228,6 +228,10 @@ def test_activate_refuses_a_manifest_changed_since_it_was_published(
     with pytest.raises(ModelError, match="not activated: its manifest changed since it was"):
         store.activate(version)
     assert store.current() is None
+    # `ptd versions --verify` checks as activation does: every file matches, yet it fails.
+    (entry,) = store.describe(verify=True)["versions"]
+    assert (entry["state"], entry["verified"]) == ("changed", False)
+    assert "its manifest changed since it was published" in entry["verify_error"]
 
 
 # The peak resident memory of this process alone: VmHWM is per address space (ru_maxrss would
