@@ -130,11 +130,22 @@ def _activate(args: argparse.Namespace) -> int:
     return 0
 
 
+# What `ptd versions` says of a manifest (`ModelStore.describe`'s state): it compared the manifest
+# alone with the hash recorded at publish (and the pointer's), never the files it lists.
+MANIFEST_STATES = {
+    "ok": "manifest as published",
+    "changed": "manifest CHANGED since published or activated",
+    "unknown": "manifest published before hashes were recorded",
+}
+
+
 def _versions(args: argparse.Namespace) -> int:
+    """List the versions. Default: manifests only (one small read each); `--verify` checks every
+    file of every version as activation does (exit 1 if one fails)."""
     import json
 
     store = _model_store(args)
-    described = store.describe()
+    described = store.describe(verify=args.verify)
     entries = described["versions"]
     pointer = described["pointer"]
     current = pointer["version"] if pointer else None
@@ -150,25 +161,38 @@ def _versions(args: argparse.Namespace) -> int:
                 }
             )
         )
-        return 0
+        return 1 if any(e["verified"] is False for e in entries) else 0
     if not entries:
         print(f"no model version published in {store.where}", file=sys.stderr)
     for entry in entries:
         mark = "*" if entry["current"] else " "
-        note = {"ok": "as published", "changed": "CHANGED since published or activated"}.get(
-            entry["state"], "published before hashes were recorded"
-        )
-        print(f"{mark} {entry['version']}  sha256 {entry['manifest_sha256'][:12]}  {note}")
+        note = MANIFEST_STATES.get(entry["state"], MANIFEST_STATES["unknown"])
+        if entry["verified"] is None:
+            files = "files not checked (ptd versions --verify)"
+        elif entry["verified"]:
+            files = "every file verified"
+        else:
+            files = f"FAILS: {entry['verify_error']}"
+        sha = entry["manifest_sha256"][:12]
+        print(f"{mark} {entry['version']}  sha256 {sha}  {note}; {files}")
     if described["invalid_names"]:
         print(
             f"not versions (invalid names, never served): {len(described['invalid_names'])}",
             file=sys.stderr,
         )
+    failed = [e["version"] for e in entries if e["verified"] is False]
+    if failed:
+        print(
+            f"{len(failed)} version(s) fail verification, and `ptd activate` refuses them: "
+            f"{', '.join(failed)}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from detector.model import ArtifactSet
+    from detector.store import open_version
 
     store = _model_store(args)
     pointer = store.current()
@@ -177,7 +201,7 @@ def _fetch(args: argparse.Namespace) -> int:
         raise CommandError(f"no model is active in {store.where}; name a version")
     pinned = pointer.get("manifest_sha256") if pointer and pointer["version"] == version else None
     directory = store.download(version, Path(args.out), pinned)
-    ArtifactSet(directory)  # validated as a cold start would
+    open_version(directory, version)  # validated as a cold start would
     print(f"model version {version}: serving files verified in {directory}", file=sys.stderr)
     print(directory)
     return 0
@@ -185,6 +209,7 @@ def _fetch(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from detector.training import train
+    from detector.training.outcomes import counts_line
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     results = train(
@@ -203,6 +228,9 @@ def _train(args: argparse.Namespace) -> int:
             f"{holdout['full']['precision_top_1pct']:.3f}",
             file=sys.stderr,
         )
+    outcomes = results["data"].get("outcomes")
+    if outcomes:
+        print(counts_line(outcomes), file=sys.stderr)
     print(
         f"model version {results['model_version']} written to {args.out} "
         f"in {results['total_seconds']:.0f} s",
@@ -249,13 +277,20 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _snapshot(args: argparse.Namespace) -> int:
+    """Download a retrain's data; JSON summary on stdout, the outcome counts on stderr."""
     import json
 
     from detector.config import Settings
+    from detector.training.outcomes import counts_line
     from detector.training.snapshot import take_snapshot
 
     taken = take_snapshot(Path(args.out), Settings.from_env())
     print(json.dumps(taken, indent=2))
+    if taken["outcome_files"]:
+        line = counts_line(taken, len(taken["outcome_files"]))
+        if taken.get("outcome_rejects"):
+            line += f"; each rejected row with its reason in {taken['outcome_rejects']}"
+        print(line, file=sys.stderr)
     return 0
 
 
@@ -287,7 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     publish = sub.add_parser("publish", help="upload model artifacts to blob storage as a version")
     publish.add_argument("--artifacts", default=str(BUNDLED_MODEL_DIR), help="artifact folder")
-    publish.add_argument("--version", default=None, help="version name (default: the manifest's)")
+    publish.add_argument(
+        "--version",
+        default=None,
+        help="the version name; must be the manifest's model_version (the default): a set is "
+        "published under its own version",
+    )
     publish.add_argument("--activate", action="store_true", help="make it the served version")
     publish.add_argument(
         "--activate-if-none",
@@ -296,14 +336,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     publish.set_defaults(handler=_publish)
 
-    activate = sub.add_parser("activate", help="serve a published version (rollback: the previous)")
+    activate = sub.add_parser(
+        "activate",
+        help="serve a published version (rollback: the previous), once every file of it is "
+        "verified as a cold start would",
+    )
     activate.add_argument("version")
     activate.set_defaults(handler=_activate)
 
     versions = sub.add_parser(
-        "versions", help="list published versions and their manifest hashes; * marks the current"
+        "versions",
+        help="list published versions and whether each manifest is as published (the manifest "
+        "alone; --verify checks every file); * marks the current",
     )
     versions.add_argument("--json", action="store_true", help="print JSON")
+    versions.add_argument(
+        "--verify",
+        action="store_true",
+        help="also download and check every file of every version as `ptd activate` does "
+        "(exit status 1 when one fails)",
+    )
     versions.set_defaults(handler=_versions)
 
     fetch = sub.add_parser(

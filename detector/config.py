@@ -15,9 +15,14 @@ from pathlib import Path
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models_artifacts"
 MODEL_NAMES = ("lightgbm", "random_forest", "logistic_regression")
 # Model version names, everywhere a version is named (store paths, pointer, PTD_MODEL_VERSION,
-# the CLI): no path separators, no control characters, bounded length.
-VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-VERSION_RULE = "letters, digits, '.', '_' and '-', at most 64, starting with a letter or digit"
+# the CLI): no path separators, no control characters, bounded length, and no trailing dot (a
+# version is a blob path segment, and Azure Storage advises that no path segment end with a dot:
+# "Naming and Referencing Containers, Blobs, and Metadata").
+VERSION_PATTERN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9_-])?")
+VERSION_RULE = (
+    "letters, digits, '.', '_' and '-', at most 64, starting with a letter or digit and not "
+    "ending with '.'"
+)
 PIN_PATTERN = re.compile(r"(?P<version>[^@]*)(@sha256:(?P<sha256>[0-9a-f]{64}))?")
 # Functions instances may write only to the temp folder; the cache lives there.
 DEFAULT_CACHE_DIR = Path(tempfile.gettempdir()) / "ptd-models"

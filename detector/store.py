@@ -4,24 +4,27 @@ Layout of the models container (`PTD_MODEL_CONTAINER`, default `models`):
 
     <version>/<file>            every file listed in the version's manifest (references included)
     <version>/manifest.json     written last: a version exists only once its manifest does
-    <version>/manifest.json.sha256   the manifest's SHA-256 when it was published (written once)
+    <version>/manifest.json.sha256   the manifest's SHA-256 when it was published (created
+                                once, If-None-Match: publish never overwrites it)
     <version>/.publishing       a lock blob, leased while a publish of the version runs
     current.json                the served version: {"version", "manifest_sha256", "previous",
                                 "previous_manifest_sha256", "activated_at", "activated_by"}
     audit/<time>-<action>-<version>.json   who published or activated what, and what was before
 
 Version names match `VERSION_PATTERN` (letters, digits, `.`, `_`, `-`; at most 64 characters,
-starting with a letter or digit) everywhere a version is named. `ptd publish` validates the set
-(`ArtifactSet`: checksums and every number, shape and tree), then uploads it under a lease on the
-version's lock blob, files first and the manifest last with If-None-Match: two publishers of one
-version can never mix their files. `ptd activate VERSION` records the SHA-256 of the version's
-manifest in the pointer (rollback = activate the previous version). On cold start `load_artifacts`
-reads the pointer (or the pinned `PTD_MODEL_VERSION`, optionally `VERSION@sha256:HASH`), refuses
-a version whose manifest no longer has the activated hash (edited in place), downloads the serving
-files (`model.serving_files`: not the reference files, which stay in the store) into
-`PTD_MODEL_CACHE_DIR/<version>/` and lets `ArtifactSet` check their SHA-256 and validate them
-before anything is served. Every failure is a `ModelError` whose message says what is wrong and
-where; the API answers /api/health with 503 and that reason.
+starting with a letter or digit, not ending with `.`) everywhere a version is named. `ptd publish`
+validates the set (`ArtifactSet`: checksums and every number, shape and tree), then uploads it
+under a lease on the version's lock blob, files first and the manifest last with If-None-Match: two
+publishers of one version can never mix their files. `ptd activate VERSION` first verifies the
+whole stored version (`ModelStore.verify`: the cold start's own routine, `download` then
+`open_version`, on every listed file, references included) and only then records the SHA-256 of the
+manifest it verified in the pointer (rollback = activate the previous version). On cold start
+`load_artifacts` reads the pointer (or the pinned `PTD_MODEL_VERSION`, optionally
+`VERSION@sha256:HASH`), refuses a version whose manifest no longer has the activated hash (edited
+in place), downloads the serving files (`model.serving_files`: not the reference files, which stay
+in the store) into `PTD_MODEL_CACHE_DIR/<version>/` and lets `ArtifactSet` check their SHA-256 and
+validate them before anything is served. Every failure is a `ModelError` whose message says what is
+wrong and where; the API answers /api/health with 503 and that reason.
 
 The connection follows the Functions convention for a connection named `STORAGE`: setting
 `STORAGE` is a connection string (`UseDevelopmentStorage=true` means Azurite on 127.0.0.1:10000),
@@ -50,7 +53,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from detector.config import PIN_PATTERN, VERSION_PATTERN, VERSION_RULE, ConfigError, Settings
-from detector.model import MANIFEST, ArtifactSet, ModelError, serving_files, verify_manifest
+from detector.model import (
+    MANIFEST,
+    ArtifactSet,
+    ModelError,
+    manifest_files,
+    serving_files,
+    sha256_file,
+    verify_manifest,
+)
 
 if TYPE_CHECKING:
     from azure.core.credentials import TokenCredential
@@ -72,6 +83,9 @@ RETRY_INITIAL_BACKOFF = 0.25
 RETRY_MAX_BACKOFF = 2.0
 CONNECTION_TIMEOUT = 5  # seconds to open a connection; an unreachable account fails fast
 READ_TIMEOUT = 60  # seconds between bytes of a response (large batch files stream in chunks)
+# Largest GET of a model file: the serving files (1.9 MB at most) take one each; a large
+# reference file streams to disk in 4 MiB ranges (two at once), whatever its size.
+MODEL_GET_BYTES = 4 * 1024 * 1024
 
 
 def _azurite_key() -> str:
@@ -160,8 +174,13 @@ def blob_service_client(
     retry_total: int = RETRY_TOTAL,
     connection_timeout: float = CONNECTION_TIMEOUT,
     read_timeout: float = READ_TIMEOUT,
+    max_get_bytes: int | None = None,
 ) -> BlobServiceClient:
-    """A client for the account named by the `settings.storage_connection` connection."""
+    """A client for the account named by the `settings.storage_connection` connection.
+
+    `max_get_bytes` caps each GET of a download (the SDK's first request otherwise asks for up
+    to 32 MiB, and holds several copies of it in memory). Raises ConfigError.
+    """
     from azure.storage.blob import BlobServiceClient
 
     env = os.environ if environ is None else environ
@@ -171,6 +190,8 @@ def blob_service_client(
         "connection_timeout": connection_timeout,
         "read_timeout": read_timeout,
     }
+    if max_get_bytes:
+        options["max_single_get_size"] = options["max_chunk_get_size"] = max_get_bytes
     raw = env.get(prefix, "").strip()
     if raw:
         try:
@@ -249,6 +270,9 @@ class ModelStore:
     def from_settings(
         cls, settings: Settings, environ: Mapping[str, str] | None = None, **client_options: Any
     ) -> ModelStore:
+        """The store the settings name. Downloads go in GETs of at most MODEL_GET_BYTES, so
+        verifying a version of any size holds a few MiB of it in memory. Raises ConfigError."""
+        client_options.setdefault("max_get_bytes", MODEL_GET_BYTES)
         service = blob_service_client(settings, environ, **client_options)
         where = f"container {settings.model_container} at {describe_connection(settings, environ)}"
         return cls(service.get_container_client(settings.model_container), where)
@@ -326,9 +350,18 @@ class ModelStore:
             raise storage_error(exc, "cannot list model versions", self.where) from None
         return [name[: -len(MANIFEST) - 1] for name in names if name.endswith(f"/{MANIFEST}")]
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, verify: bool = False) -> dict[str, Any]:
         """Every version with its manifest's SHA-256 now, the one it was published with, and
-        whether they still agree; the pointer; names that are not valid versions."""
+        whether they still agree (`state`: ok, changed, unknown); the pointer; names that are not
+        valid versions.
+
+        That compares the manifest only (one small blob per version): its files are not read.
+        With `verify`, each version is also checked as activation checks it (`verify`: every
+        listed file downloaded, one version at a time, and hashed in 1 MiB blocks; the manifest
+        against its published hash; the current one against the pointer's too): `verified` is
+        then True or False with `verify_error`, else None. Raises ModelError when the store
+        cannot be listed or read.
+        """
         folders = self._manifest_folders()
         pointer = self.current() if folders else None
         entries = []
@@ -337,16 +370,27 @@ class ModelStore:
             digest = sha256_bytes(self._download_bytes(name, f"model version {version!r}"))
             published = self._published_sha256(version)
             state = "unknown" if not published else "ok" if published == digest else "changed"
-            activated = pointer.get("manifest_sha256") if pointer else None
-            if pointer and pointer["version"] == version and activated and activated != digest:
+            current = bool(pointer and pointer["version"] == version)
+            activated = pointer.get("manifest_sha256") if pointer and current else None
+            if activated and activated != digest:
                 state = "changed"
+            verified: bool | None = None
+            error: str | None = None
+            if verify:
+                try:
+                    self._verify_as_published(version, activated or None)
+                    verified = True
+                except ModelError as exc:
+                    verified, error = False, str(exc)
             entries.append(
                 {
                     "version": version,
                     "manifest_sha256": digest,
                     "published_sha256": published,
                     "state": state,
-                    "current": bool(pointer and pointer["version"] == version),
+                    "current": current,
+                    "verified": verified,
+                    "verify_error": error,
                 }
             )
         invalid = sorted(v for v in folders if not VERSION_PATTERN.fullmatch(v))
@@ -390,23 +434,35 @@ class ModelStore:
         activate_if_none: bool = False,
         actor: str | None = None,
     ) -> str:
-        """Upload a validated local artifact folder as `version` (default: its model_version).
+        """Upload a validated local artifact folder under its own `model_version`.
 
-        The set is checked as serving will check it (`ArtifactSet`: checksums, numbers,
-        shapes, trees) before anything is uploaded. The upload holds a lease on the version's
-        lock blob, so a concurrent publish of the same version fails cleanly instead of mixing
-        files; files go first and the manifest last (If-None-Match: *), so a half-finished
-        upload is never a version. Publishing a version that already exists with the same
-        manifest is a no-op (the deploy workflow retries); a different manifest under the same
-        name is refused. `activate` moves the pointer to it; `activate_if_none` only when no
-        version is active. Raises ModelError.
+        `version`, when given, must be that model_version (a set published under another name
+        would report another version in /api/health and make rollbacks unverifiable; every cold
+        start refuses such a version, see `open_version`). The set is checked as serving will
+        check it (`ArtifactSet`: checksums, numbers, shapes, trees) before anything is
+        uploaded. The upload holds a lease on the version's lock blob, so a concurrent publish
+        of the same version fails cleanly instead of mixing files; files go first and the
+        manifest last (If-None-Match: *), so a half-finished upload is never a version.
+        Publishing a version that already exists with the same manifest is a no-op (the deploy
+        workflow retries); a different manifest under the same name is refused. `activate`
+        moves the pointer to it (`activate`: the stored set verified first); `activate_if_none`
+        only when no version is active. Raises ModelError.
         """
         from azure.storage.blob import ContentSettings
 
         artifacts_dir = Path(artifacts_dir)
+        if version:
+            check_version(version)
         verify_manifest(artifacts_dir)  # the full set: references are uploaded too
         checked = ArtifactSet(artifacts_dir)  # the same validation as a cold start
-        version = check_version(version or checked.version)
+        if version and version != checked.version:
+            raise ModelError(
+                f"--version {version!r} is not the set's model_version {checked.version!r} "
+                f"({artifacts_dir / MANIFEST}): a set is published under its own version, so "
+                "that /api/health, /api/model_info and rollbacks name what is served; leave "
+                "--version out, or retrain (`ptd train`) for a new version"
+            )
+        version = check_version(checked.version)
         actor = actor or self.actor()
         manifest_bytes = (artifacts_dir / MANIFEST).read_bytes()
         digest = sha256_bytes(manifest_bytes)
@@ -427,9 +483,7 @@ class ModelStore:
                                     f"{version}/{name}", handle, overwrite=True
                                 )
                             renew()
-                        self.container.upload_blob(
-                            f"{manifest_name}{HASH_SUFFIX}", digest.encode(), overwrite=True
-                        )
+                        self._record_published_sha256(version, digest)
                         self.container.upload_blob(
                             manifest_name,
                             manifest_bytes,
@@ -447,12 +501,35 @@ class ModelStore:
             self.activate(version, actor=actor)
         return version
 
+    def _record_published_sha256(self, version: str, digest: str) -> None:
+        """Write `<version>/manifest.json.sha256` once: a conditional create (If-None-Match: *),
+        so a publish never overwrites it. One left by an unfinished publish of this same
+        manifest is kept as it is; one that records another manifest refuses the publish.
+
+        It is a record, not a signature: whoever may write to the container can replace it
+        together with the manifest (docs/RUNBOOKS.md, "Model rollback"). Raises ModelError.
+        """
+        from azure.core.exceptions import ResourceExistsError
+
+        name = f"{version}/{MANIFEST}{HASH_SUFFIX}"
+        try:
+            self.container.upload_blob(name, digest.encode(), overwrite=False)
+        except ResourceExistsError:
+            recorded = self._published_sha256(version) or ""
+            if recorded != digest:
+                raise ModelError(
+                    f"model version {version!r}: {name} in {self.where} already records another "
+                    f"manifest (SHA-256 {recorded[:12]}..., this one {digest[:12]}...), left by "
+                    "an unfinished publish; it is never overwritten: retrain (`ptd train`) for a "
+                    "new version"
+                ) from None
+
     def _same_manifest(self, version: str, manifest_bytes: bytes) -> None:
         existing = self._download_bytes(f"{version}/{MANIFEST}", f"model version {version!r}")
         if existing != manifest_bytes:
             raise ModelError(
                 f"model version {version!r} already exists in {self.where} with a different "
-                "manifest; versions are immutable: publish under a new --version"
+                "manifest; versions are immutable: retrain (`ptd train`) for a new version"
             )
 
     @contextlib.contextmanager
@@ -500,10 +577,54 @@ class ModelStore:
         except Exception as exc:
             raise storage_error(exc, what, f"{name} in {self.where}") from None
 
+    def verify(self, version: str, expected_sha256: str | None = None) -> str:
+        """Check a stored version as a cold start would, and every file of it: returns the
+        SHA-256 of the manifest that was checked.
+
+        The cold start's own routine (`download`, then `open_version`), with `complete`: every
+        file the manifest lists, the references (`*.joblib`, LightGBM's text model) included,
+        is downloaded into a temporary folder (removed after) and checked against its SHA-256;
+        names outside the version's folder are refused before anything is downloaded; then the
+        set is validated and loaded as serving loads it. Memory stays bounded whatever the
+        size of a file: it streams to disk in GETs of MODEL_GET_BYTES and is hashed in 1 MiB
+        blocks. `expected_sha256` as in `download`.
+
+        Raises ModelError naming the file and the check that failed.
+        """
+        check_version(version)
+        with tempfile.TemporaryDirectory(prefix="ptd-verify-") as tmp:
+            directory = self.download(version, Path(tmp), expected_sha256, complete=True)
+            open_version(directory, version)
+            return sha256_file(directory / MANIFEST)
+
+    def _verify_as_published(self, version: str, expected_sha256: str | None = None) -> str:
+        """`verify`, and the verified manifest must be the one recorded when the version was
+        published (`manifest.json.sha256`, when there is one): what activation requires.
+        Returns the manifest's SHA-256. Raises ModelError."""
+        digest = self.verify(version, expected_sha256)
+        published = self._published_sha256(version)
+        if published and published != digest:
+            raise ModelError(
+                f"model version {version!r}: its manifest changed since it was published "
+                f"(SHA-256 {digest[:12]}..., published {published[:12]}...); see RUNBOOKS, "
+                "'A model version changed under its name'"
+            )
+        return digest
+
     def activate(self, version: str, actor: str | None = None) -> dict[str, Any]:
-        """Point `current.json` at a complete, valid version, pinned to its manifest's SHA-256;
-        returns the new pointer. The pointer is replaced only if nobody changed it since it was
-        read (ETag), so two activations cannot lose each other's `previous`."""
+        """Point `current.json` at a stored version once it is proven intact; returns the new
+        pointer, pinned to the SHA-256 of the manifest that was verified.
+
+        The whole set is verified first (`verify`: every file, references included, against the
+        manifest; names confined to the folder; the same validation as a cold start), and a
+        manifest that differs from the hash recorded when the version was published
+        (`manifest.json.sha256`) is refused: a version every cold start would refuse is never
+        activated. The pointer is replaced only if nobody changed it since it was read (ETag), so
+        two activations cannot lose each other's `previous`.
+
+        Raises ModelError ("model version <v> not activated: <file and check>"); the pointer is
+        then unchanged.
+        """
         from azure.core import MatchConditions
         from azure.core.exceptions import (
             ResourceExistsError,
@@ -514,18 +635,17 @@ class ModelStore:
 
         check_version(version)
         actor = actor or self.actor()
-        manifest_bytes = self._download_bytes(f"{version}/{MANIFEST}", f"model version {version!r}")
+        started = time.perf_counter()
         try:
-            manifest = json.loads(manifest_bytes)
-            files = sorted(manifest.get("files", {}))
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
-            raise ModelError(f"model version {version!r}: manifest is not valid: {exc}") from None
-        missing = [name for name in files if not self._exists(f"{version}/{name}")]
-        if missing:
-            raise ModelError(
-                f"model version {version!r} in {self.where} is missing {', '.join(missing)}: "
-                "not activated"
-            )
+            digest = self._verify_as_published(version)
+        except ModelError as exc:
+            reason = str(exc).removeprefix(f"model version {version!r}: ")
+            raise ModelError(f"model version {version!r} not activated: {reason}") from None
+        log.info(
+            "model version %s verified for activation in %.2f s",
+            version,
+            time.perf_counter() - started,
+        )
         pointer_blob = self.container.get_blob_client(POINTER)
         try:
             current_props = pointer_blob.get_blob_properties()
@@ -546,7 +666,7 @@ class ModelStore:
             previous, previous_sha = None, None
         pointer = {
             "version": version,
-            "manifest_sha256": sha256_bytes(manifest_bytes),
+            "manifest_sha256": digest,
             "previous": previous,
             "previous_manifest_sha256": previous_sha,
             "activated_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -599,13 +719,27 @@ class ModelStore:
         return "entra id (identity unknown)"
 
     # -- cold start ----------------------------------------------------------------------------
-    def download(self, version: str, cache_dir: Path, expected_sha256: str | None = None) -> Path:
-        """The verified serving files of `version` in `cache_dir/<version>/`, unless cached.
+    def download(
+        self,
+        version: str,
+        cache_dir: Path,
+        expected_sha256: str | None = None,
+        *,
+        complete: bool = False,
+    ) -> Path:
+        """The verified files of `version` in `cache_dir/<version>/`, unless already cached.
 
-        Only `serving_files` and the manifest are fetched; the reference files stay in the
-        store (publish keeps the complete set there). With `expected_sha256` (the pointer's, or
-        a pin), a manifest that no longer has that SHA-256 is refused: the version was changed
-        under its name after it was activated.
+        The one routine that reads a stored version, for the cold start (`load_artifacts`),
+        `ptd fetch` and activation (`verify`). The manifest is read once; with `expected_sha256`
+        (the pointer's, or a pin) a manifest that no longer has that SHA-256 is refused: the
+        version was changed under its name after it was activated. Every name it lists must be
+        a plain file of the version's folder (`manifest_files`), checked before anything is
+        downloaded. The files stream to disk in a staging folder, every SHA-256 is checked
+        (`verify_manifest`), and only then does the folder replace the cache. By default only
+        `serving_files` are fetched (the references stay in the store); `complete` fetches and
+        checks every listed file, references included.
+
+        Raises ModelError naming the file and the check (or the storage error).
         """
         check_version(version)
         manifest_bytes = self._download_bytes(f"{version}/{MANIFEST}", f"model version {version!r}")
@@ -617,20 +751,19 @@ class ModelStore:
                 "'A model version changed under its name'"
             )
         try:
-            names = serving_files(json.loads(manifest_bytes))
+            manifest = json.loads(manifest_bytes)
+            names = list(manifest_files(manifest)) if complete else serving_files(manifest)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ModelError(f"model version {version!r}: manifest is not valid: {exc}") from None
         except ModelError as exc:
             raise ModelError(f"model version {version!r}: {exc}") from None
         target = Path(cache_dir) / version
-        if _cache_matches(target, manifest_bytes):
+        if _cache_matches(target, manifest_bytes, complete):
             return target
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=cache_dir))
         try:
             for name in names:
-                if Path(name).name != name:
-                    raise ModelError(f"model version {version!r}: manifest names {name!r}")
                 blob_name = f"{version}/{name}"
                 try:
                     with (staging / name).open("wb") as handle:
@@ -642,29 +775,48 @@ class ModelStore:
                         f"{blob_name} in {self.where}",
                     ) from None
             (staging / MANIFEST).write_bytes(manifest_bytes)
-            # Every SHA-256 before the set may replace the cache (references were not fetched).
-            verify_manifest(staging, references_optional=True)
+            # Every SHA-256 before the set may replace the cache (with `complete`, the
+            # references' too; otherwise they were not fetched).
+            verify_manifest(staging, references_optional=not complete)
             if target.exists():
                 shutil.rmtree(target, ignore_errors=True)
             try:
                 staging.rename(target)
             except OSError:
                 # Another process finished first; use its copy if it verifies.
-                if not _cache_matches(target, manifest_bytes):
+                if not _cache_matches(target, manifest_bytes, complete):
                     raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return target
 
 
-def _cache_matches(target: Path, manifest_bytes: bytes) -> bool:
+def _cache_matches(target: Path, manifest_bytes: bytes, complete: bool = False) -> bool:
     try:
         if (target / MANIFEST).read_bytes() != manifest_bytes:
             return False
-        verify_manifest(target, references_optional=True)
+        verify_manifest(target, references_optional=not complete)
         return True
     except (OSError, ModelError):
         return False
+
+
+def open_version(directory: Path, version: str) -> ArtifactSet:
+    """The set `download` put in `directory`, validated and loaded as serving loads it
+    (`ArtifactSet`: every SHA-256 again, every number, shape and tree), for `version`.
+
+    The last step of every cold start, `ptd fetch` and activation. The manifest's
+    `model_version` must be the folder's name: the app reports it in /api/health and
+    /api/model_info, so a set stored under another name would report a version that is not
+    the one served (two versions, one name; a rollback that cannot be checked). Raises ModelError.
+    """
+    artifacts = ArtifactSet(directory)
+    if artifacts.version != version:
+        raise ModelError(
+            f"model version {version!r}: its manifest's model_version is {artifacts.version!r}: "
+            "refusing to serve a set under another version's name; publish it under its own"
+        )
+    return artifacts
 
 
 def check_version(version: str) -> str:
@@ -713,7 +865,7 @@ def load_artifacts(
     if pinned is None and pointer is not None and pointer["version"] == version:
         pinned = pointer.get("manifest_sha256") or None
     directory = store.download(version, settings.model_cache_dir, pinned)
-    artifacts = ArtifactSet(directory)  # verifies every SHA-256 again, then loads
+    artifacts = open_version(directory, version)  # every SHA-256 again, validated, loaded
     log.info(
         "model version %s loaded from blob storage in %.2f s",
         artifacts.version,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,10 +23,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from detector.api import create_app
+from detector.cli import main as cli_main
 from detector.config import ConfigError, Settings
 from detector.model import MANIFEST, ArtifactSet, ModelError, sha256_file, verify_manifest
 from detector.model.artifacts import load_arrays
-from detector.store import POINTER, ModelStore, load_artifacts
+from detector.store import POINTER, ModelStore, check_version, load_artifacts
 
 pytestmark = [pytest.mark.azurite, pytest.mark.xdist_group("azurite")]
 REPO = Path(__file__).resolve().parent.parent
@@ -102,21 +104,285 @@ def test_versions_list_hashes_and_whether_they_match_what_was_published(
     tmp_path: Path, azurite: str, tiny_artifacts_dir: Path
 ) -> None:
     _, store, _ = _store(tmp_path, azurite)
-    store.publish(tiny_artifacts_dir, version="v1", activate=True)
-    store.publish(tiny_artifacts_dir, version="v2")
-    digest = hashlib.sha256((tiny_artifacts_dir / MANIFEST).read_bytes()).hexdigest()
+    sets = {v: _named(tiny_artifacts_dir, tmp_path / v, v) for v in ("v1", "v2")}
+    store.publish(sets["v1"], activate=True)
+    store.publish(sets["v2"])
     described = store.describe()
     assert [(e["version"], e["state"], e["current"]) for e in described["versions"]] == [
         ("v1", "ok", True),
         ("v2", "ok", False),
     ]
-    assert all(
-        e["manifest_sha256"] == e["published_sha256"] == digest for e in described["versions"]
-    )
-    manifest = json.loads((tiny_artifacts_dir / MANIFEST).read_text())
+    for e in described["versions"]:
+        digest = hashlib.sha256((sets[e["version"]] / MANIFEST).read_bytes()).hexdigest()
+        assert e["manifest_sha256"] == e["published_sha256"] == digest
+        assert e["verified"] is None  # the files were not read
+    manifest = json.loads((sets["v2"] / MANIFEST).read_text())
     manifest["created_at"] = "changed"
     store.container.upload_blob(f"v2/{MANIFEST}", json.dumps(manifest), overwrite=True)
     assert {e["version"]: e["state"] for e in store.describe()["versions"]}["v2"] == "changed"
+
+
+# --- activation proves the whole published set intact --------------------------------------------
+
+
+def _named(source: Path, target: Path, version: str) -> Path:
+    """A copy of an artifact set whose manifest calls it `version` (the manifest is not hashed in
+    its own `files`, so every checksum still holds)."""
+    return _copy(source, target, model_version=version)
+
+
+def _rewrite_manifest(store: ModelStore, version: str, manifest: dict[str, Any]) -> None:
+    """Replace a stored version's manifest and its published hash together (what someone with
+    write access to the container can do)."""
+    data = json.dumps(manifest, indent=2).encode()
+    store.container.upload_blob(f"{version}/{MANIFEST}", data, overwrite=True)
+    digest = hashlib.sha256(data).hexdigest().encode()
+    store.container.upload_blob(f"{version}/{MANIFEST}.sha256", digest, overwrite=True)
+
+
+def _tamper(store: ModelStore, version: str, kind: str, good: str) -> str:
+    """Break a stored version in one way; returns what the refusal must say."""
+    manifest = json.loads(store.container.download_blob(f"{version}/{MANIFEST}").readall())
+    if kind == "serving file overwritten":
+        store.container.upload_blob(f"{version}/scaler.npz", b"garbage", overwrite=True)
+        return r"scaler\.npz fails its checksum"
+    if kind == "reference tampered":
+        blob = store.container.download_blob(f"{version}/random_forest.joblib").readall()
+        store.container.upload_blob(f"{version}/random_forest.joblib", blob + b"\0", overwrite=True)
+        return r"random_forest\.joblib fails its checksum"
+    if kind == "path outside the folder":
+        # Blob Storage resolves `v/../good/scaler.npz` to the good version's genuine file: its
+        # checksum matches, but it is not this version's file.
+        digest = manifest["files"].pop("scaler.npz")
+        manifest["files"][f"../{good}/scaler.npz"] = digest
+        _rewrite_manifest(store, version, manifest)
+        return r"outside the artifact folder: '\.\./"
+    if kind == "absolute path":
+        digest = manifest["files"].pop("random_forest.joblib")
+        manifest["files"]["/tmp/random_forest.joblib"] = digest
+        _rewrite_manifest(store, version, manifest)
+        return r"outside the artifact folder: '/tmp/random_forest\.joblib'"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["serving file overwritten", "reference tampered", "path outside the folder", "absolute path"],
+)
+def test_activate_refuses_a_version_that_is_not_intact_and_keeps_the_pointer(
+    tmp_path: Path,
+    azurite: str,
+    tiny_artifacts_dir: Path,
+    kind: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    settings, store, env = _store(tmp_path, azurite)
+    good = store.publish(_named(tiny_artifacts_dir, tmp_path / "good", "good"), activate=True)
+    bad = store.publish(_named(tiny_artifacts_dir, tmp_path / "bad", "bad"))
+    before = store.current()
+    message = _tamper(store, bad, kind, good)
+    with pytest.raises(ModelError, match=f"model version 'bad' not activated: .*{message}"):
+        store.activate(bad)
+    assert store.current() == before
+    # `ptd activate` (and so rollbacks, publish-model.sh, retrain.sh): one line, exit 2.
+    monkeypatch.setenv("STORAGE", azurite)
+    monkeypatch.setenv("PTD_MODEL_CONTAINER", settings.model_container)
+    capsys.readouterr()
+    assert cli_main(["activate", bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ptd activate: error: model version 'bad' not activated: "), err
+    assert "\n" not in err and re.search(message, err)
+    assert store.current() == before
+    # What activation refuses, the cold start refuses (it never reads the references).
+    if kind != "reference tampered":
+        pinned = Settings(**{**settings.__dict__, "model_version": bad})
+        with pytest.raises(ModelError, match=message):
+            load_artifacts(pinned, env)
+    # `ptd versions` compared the manifests only, and says so; `--verify` checks every file.
+    capsys.readouterr()
+    assert cli_main(["versions"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert all("files not checked (ptd versions --verify)" in line for line in lines), lines
+    assert cli_main(["versions", "--verify"]) == 1
+    out, err = capsys.readouterr()
+    listed = {line[2:].split()[0]: line for line in out.splitlines()}
+    assert listed["good"].startswith("* good") and listed["good"].endswith("every file verified")
+    assert re.search(f"FAILS: .*{message}", listed["bad"]), listed["bad"]
+    assert "1 version(s) fail verification" in err
+    assert cli_main(["versions", "--verify", "--json"]) == 1
+    details = {e["version"]: e for e in json.loads(capsys.readouterr().out)["details"]}
+    assert details["good"]["verified"] is True and details["bad"]["verified"] is False
+    assert re.search(message, details["bad"]["verify_error"])
+
+
+def test_activate_refuses_a_manifest_changed_since_it_was_published(
+    tmp_path: Path, azurite: str, tiny_artifacts_dir: Path
+) -> None:
+    """Every file still matches the rewritten manifest, but it is not the published one."""
+    _, store, _ = _store(tmp_path, azurite)
+    version = store.publish(tiny_artifacts_dir)
+    manifest = json.loads((tiny_artifacts_dir / MANIFEST).read_text())
+    manifest["models"]["lightgbm"]["threshold"] = 0.01  # flags nearly everyone
+    store.container.upload_blob(f"{version}/{MANIFEST}", json.dumps(manifest), overwrite=True)
+    with pytest.raises(ModelError, match="not activated: its manifest changed since it was"):
+        store.activate(version)
+    assert store.current() is None
+    # `ptd versions --verify` checks as activation does: every file matches, yet it fails.
+    (entry,) = store.describe(verify=True)["versions"]
+    assert (entry["state"], entry["verified"]) == ("changed", False)
+    assert "its manifest changed since it was published" in entry["verify_error"]
+
+
+# The peak resident memory of this process alone: VmHWM is per address space (ru_maxrss would
+# carry the forking test process's own peak over the exec).
+MEASURE_VERIFY = """
+import re, sys
+from pathlib import Path
+from detector.config import Settings
+from detector.store import ModelStore
+ModelStore.from_settings(Settings.from_env()).verify(sys.argv[1])
+print(re.search(r"VmHWM:\\s*(\\d+) kB", Path("/proc/self/status").read_text())[1])
+"""
+
+
+def test_verification_streams_the_files_in_bounded_memory(
+    tmp_path: Path, azurite: str, tiny_artifacts_dir: Path
+) -> None:
+    """A 96 MB reference file streams to disk in ranges and is hashed in blocks, never held in
+    memory: the peak resident memory of a fresh process grows by far less than the file."""
+    settings, store, _ = _store(tmp_path, azurite)
+    small = store.publish(_named(tiny_artifacts_dir, tmp_path / "small", "small"))
+    folder = _named(tiny_artifacts_dir, tmp_path / "big", "big")
+    size = 96 * 1024 * 1024
+    with (folder / "big.joblib").open("wb") as handle:
+        for _ in range(size // (1 << 20)):
+            handle.write(os.urandom(1 << 20))
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["files"]["big.joblib"] = sha256_file(folder / "big.joblib")
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    big = store.publish(folder)
+    environ = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("PTD_", "STORAGE"))},
+        "STORAGE": azurite,
+        "PTD_MODEL_CONTAINER": settings.model_container,
+        "PYTHONPATH": str(REPO),
+    }
+
+    def peak_kb(version: str) -> int:
+        """The peak resident memory of a fresh process that verifies `version`."""
+        done = subprocess.run(
+            [sys.executable, "-c", MEASURE_VERIFY, version],
+            env=environ,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return int(done.stdout)
+
+    # Measured: +17 MB (4 MiB GETs, two at once); 133 MB when the file is read whole.
+    small_kb, big_kb = peak_kb(small), peak_kb(big)
+    assert (big_kb - small_kb) * 1024 < size / 3, (small_kb, big_kb)
+
+
+def test_publish_never_overwrites_the_published_hash(
+    tmp_path: Path, azurite: str, tiny_artifacts_dir: Path
+) -> None:
+    """`manifest.json.sha256` is created once (If-None-Match): a publish that finds one (left by
+    an interrupted publish: files and hash uploaded, no manifest yet) keeps it as it is."""
+    _, store, _ = _store(tmp_path, azurite)
+    version = ArtifactSet(tiny_artifacts_dir).version
+    digest = sha256_file(tiny_artifacts_dir / MANIFEST)
+    sidecar = store.container.get_blob_client(f"{version}/{MANIFEST}.sha256")
+    store.container.create_container()
+    sidecar.upload_blob(digest.encode())  # the same manifest's: the publish resumes
+    etag = sidecar.get_blob_properties().etag
+    assert store.publish(tiny_artifacts_dir) == version
+    assert sidecar.get_blob_properties().etag == etag  # not rewritten
+    assert {e["version"]: e["state"] for e in store.describe()["versions"]} == {version: "ok"}
+    # One that records another manifest is never replaced: that publish is refused.
+    other = _named(tiny_artifacts_dir, tmp_path / "other", "other")
+    blob = store.container.get_blob_client(f"other/{MANIFEST}.sha256")
+    blob.upload_blob(b"0" * 64)
+    etag = blob.get_blob_properties().etag
+    with pytest.raises(ModelError, match=r"already records another manifest .* never overwritten"):
+        store.publish(other)
+    assert blob.get_blob_properties().etag == etag
+    assert store.versions() == [version]
+
+
+# --- a set is published and served under its own version only ------------------------------------
+
+
+def test_publish_refuses_a_version_name_other_than_the_manifests(
+    tmp_path: Path,
+    azurite: str,
+    tiny_artifacts_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    settings, store, _ = _store(tmp_path, azurite)
+    own = ArtifactSet(tiny_artifacts_dir).version
+    with pytest.raises(
+        ModelError, match=f"--version 'other' is not the set's model_version '{own}'.*retrain"
+    ):
+        store.publish(tiny_artifacts_dir, version="other")
+    assert store.versions() == []
+    monkeypatch.setenv("STORAGE", azurite)
+    monkeypatch.setenv("PTD_MODEL_CONTAINER", settings.model_container)
+    capsys.readouterr()
+    args = ["publish", "--artifacts", str(tiny_artifacts_dir), "--version"]
+    assert cli_main([*args, "other", "--activate"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.startswith("ptd publish: error: --version 'other' is not the set's") and "\n" not in err
+    )
+    assert store.versions() == []  # nothing uploaded, not even the container
+    assert cli_main([*args, own]) == 0  # its own name, spelt out: accepted
+    assert store.versions() == [own] and store.current() is None
+
+
+def test_a_version_stored_under_another_name_is_refused_at_activation_and_cold_start(
+    tmp_path: Path,
+    azurite: str,
+    tiny_artifacts_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A set copied under another name behind the store (or published under a --version of its
+    choosing by an older ptd) would report its manifest's version while another is served."""
+    settings, store, env = _store(tmp_path, azurite)
+    good = store.publish(_named(tiny_artifacts_dir, tmp_path / "good", "good"), activate=True)
+    own = ArtifactSet(tiny_artifacts_dir).version
+    for name in [*json.loads((tiny_artifacts_dir / MANIFEST).read_text())["files"], MANIFEST]:
+        data = (tiny_artifacts_dir / name).read_bytes()
+        store.container.upload_blob(f"renamed/{name}", data)
+    refusal = f"its manifest's model_version is '{own}'"
+    with pytest.raises(ModelError, match=f"model version 'renamed' not activated: {refusal}"):
+        store.activate("renamed")
+    assert (store.current() or {})["version"] == good
+    # The cold start refuses it, pinned or through a pointer written before this check: 503.
+    pointer = {
+        "version": "renamed",
+        "manifest_sha256": sha256_file(tiny_artifacts_dir / MANIFEST),
+        "previous": good,
+    }
+    store.container.upload_blob(POINTER, json.dumps(pointer), overwrite=True)
+    pinned = Settings(**{**settings.__dict__, "model_version": "renamed"})
+    for chosen in (settings, pinned):
+        with pytest.raises(ModelError, match=refusal):
+            load_artifacts(chosen, env)
+        with TestClient(create_app(chosen, lambda c=chosen: load_artifacts(c, env))) as client:
+            health = client.get("/api/health")
+        assert health.status_code == 503 and refusal in health.json()["reason"]
+    # `ptd fetch` (the smoke test's golden scores, the retraining's champion) too.
+    monkeypatch.setenv("STORAGE", azurite)
+    monkeypatch.setenv("PTD_MODEL_CONTAINER", settings.model_container)
+    capsys.readouterr()
+    assert cli_main(["fetch", "renamed", "--out", str(tmp_path / "fetched")]) == 2
+    assert refusal in capsys.readouterr().err
 
 
 # --- sets checked before they are published or served --------------------------------------------
@@ -138,13 +404,16 @@ def test_a_nan_threshold_is_refused_at_publish_and_at_load(
     with pytest.raises(ModelError, match="must be probabilities"):
         store.publish(folder, version="bad")
     assert store.versions() == []
-    # Uploaded behind publish's back and activated by hand: the cold start refuses it.
+    # Uploaded behind publish's back: activation refuses it, and so does a cold start pinned to it.
     store.container.create_container()
     for name in [*json.loads((folder / MANIFEST).read_text())["files"], MANIFEST]:
         store.container.upload_blob(f"bad/{name}", (folder / name).read_bytes(), overwrite=True)
-    store.activate("bad")
+    with pytest.raises(ModelError, match=r"'bad' not activated: .*must be probabilities"):
+        store.activate("bad")
+    assert store.current() is None
+    pinned = Settings(**{**settings.__dict__, "model_version": "bad"})
     with pytest.raises(ModelError, match="must be probabilities"):
-        load_artifacts(settings, env)
+        load_artifacts(pinned, env)
 
 
 @pytest.mark.parametrize(
@@ -247,7 +516,11 @@ def test_training_validates_before_it_writes(
 
 # --- names ---------------------------------------------------------------------------------------
 
-BAD_NAMES = ["a\\b", "x" * 300, "v1\x1b[31m", "../v1", ".hidden", "a/b", "a b", "", "-v1", "v1?"]
+BAD_NAMES = [
+    *("a\\b", "x" * 300, "v1\x1b[31m", "../v1", ".hidden", "a/b", "a b", "", "-v1", "v1?"),
+    # Azure Storage advises that no blob path segment end with a dot.
+    *("x.", "v1..", "x" * 63 + "."),
+]
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)
@@ -266,14 +539,23 @@ def test_invalid_version_names_are_refused_everywhere(
     assert store.versions() == []
 
 
+@pytest.mark.parametrize("name", ["1", "v1.0", "v1.0-rc_1", "x_", "x-", "x" * 64, "a.b.c"])
+def test_names_at_the_edges_of_the_rule_are_accepted(name: str) -> None:
+    assert check_version(name) == name
+    assert Settings.from_env({"PTD_MODEL_VERSION": name}).model_version == name
+    with pytest.raises(ModelError, match="invalid model version"):
+        check_version(name + "x" * (65 - len(name)))  # 65 characters
+
+
 def test_a_nested_name_written_behind_the_store_is_not_a_version(
     tmp_path: Path, azurite: str, tiny_artifacts_dir: Path
 ) -> None:
     _, store, _ = _store(tmp_path, azurite)
-    store.publish(tiny_artifacts_dir, version="ok")
+    store.publish(_named(tiny_artifacts_dir, tmp_path / "ok", "ok"), version="ok")
     store.container.upload_blob(f"a\\b/{MANIFEST}", b"{}")  # Blob Storage reads "\\" as "/"
+    store.container.upload_blob(f"x./{MANIFEST}", b"{}")  # a segment ending with a dot
     assert store.versions() == ["ok"]
-    assert store.describe()["invalid_names"] == ["a/b"]
+    assert store.describe()["invalid_names"] == ["a/b", "x."]
 
 
 # --- concurrent publishes ------------------------------------------------------------------------
@@ -282,7 +564,10 @@ def test_a_nested_name_written_behind_the_store_is_not_a_version(
 def test_two_publishers_of_one_version_never_leave_a_mixed_version(
     tmp_path: Path, azurite: str, tiny_artifacts_dir: Path
 ) -> None:
-    other = _copy(tiny_artifacts_dir, tmp_path / "other", created_at="another training")
+    mine = _named(tiny_artifacts_dir, tmp_path / "mine", "race")
+    other = _copy(
+        tiny_artifacts_dir, tmp_path / "other", created_at="another training", model_version="race"
+    )
     features = json.loads((other / "features.json").read_text())
     features["missing"] = "another text, so every file but the arrays differs"
     (other / "features.json").write_text(json.dumps(features))
@@ -307,7 +592,7 @@ def test_two_publishers_of_one_version_never_leave_a_mixed_version(
                 outcomes[label] = str(exc)
 
         threads = [
-            threading.Thread(target=publish, args=("a", tiny_artifacts_dir)),
+            threading.Thread(target=publish, args=("a", mine)),
             threading.Thread(target=publish, args=("b", other)),
         ]
         for thread in threads:
@@ -335,9 +620,9 @@ def test_publish_and_activate_write_audit_events_naming_who(
 ) -> None:
     _, store, _ = _store(tmp_path, azurite)
     monkeypatch.setenv("PTD_ACTOR", "github:octocat")
-    store.publish(tiny_artifacts_dir, version="v1", activate=True)
+    store.publish(_named(tiny_artifacts_dir, tmp_path / "v1", "v1"), activate=True)
     monkeypatch.delenv("PTD_ACTOR")
-    store.publish(tiny_artifacts_dir, version="v2", activate=True)
+    store.publish(_named(tiny_artifacts_dir, tmp_path / "v2", "v2"), version="v2", activate=True)
     events = [
         json.loads(store.container.download_blob(b.name).readall())
         for b in store.container.list_blobs(name_starts_with="audit/")
@@ -393,7 +678,7 @@ def test_a_deploy_never_replaces_the_active_version_unless_asked(
     first = _publish_step(tmp_path, azurite, container)
     assert first["active"] == first["bundled"] == bundled.version and first["activated"] == "true"
     # An operator rolls forward to another model.
-    store.publish(tiny_artifacts_dir, version="operator-choice", activate=True)
+    store.publish(_named(tiny_artifacts_dir, tmp_path / "op", "operator-choice"), activate=True)
     pointer = store.current()
     # The next deploy publishes the bundled set again but leaves the operator's choice active,
     # and fetches that set for the smoke test's golden scores.
@@ -404,7 +689,7 @@ def test_a_deploy_never_replaces_the_active_version_unless_asked(
         "operator-choice",
         "false",
     )
-    assert ArtifactSet(Path(again["model_dir"])).version == ArtifactSet(tiny_artifacts_dir).version
+    assert ArtifactSet(Path(again["model_dir"])).version == "operator-choice"
     # Asked for explicitly (the workflow input), the bundled model is activated.
     forced = _publish_step(tmp_path, azurite, container, ACTIVATE_BUNDLED_MODEL="true")
     assert forced["active"] == bundled.version and forced["activated"] == "true"

@@ -8,11 +8,13 @@ import os
 import subprocess
 import sys
 import uuid
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 
@@ -88,13 +90,161 @@ def test_outcomes_add_and_update_labels_and_cut_histories_at_the_inspection(
     assert kept["d"] == [day("2014-01-01"), day("2015-06-01"), day("2016-06-01")]
     assert len(kept["b"]) == 2
     snapshot = labelled.summary
-    assert snapshot["outcomes"]["outcome_rows"] == 5
+    assert snapshot["outcomes"]["outcome_rows"] == 3  # used
+    assert snapshot["outcomes"]["outcome_rows_read"] == 5
     assert snapshot["outcomes"]["outcome_rows_rejected"] == 2
     assert snapshot["outcomes"]["inspection_dates"] == ["2015-06-01", "2017-01-01"]
     assert snapshot["outcomes"]["invoice_rows_after_inspection_dropped"] == 2
     assert set(snapshot["files"]) == {"clients_train.csv", "invoices_train.csv", "outcomes.csv"}
     assert snapshot["files"]["invoices_train.csv"]["rows"] == 10
     assert snapshot["invoice_dates"] == ["2014-01-01", "2016-06-01"]
+
+
+def _write_training(folder: Path, outcomes: pd.DataFrame) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    clients = pd.DataFrame({"client_id": ["a", "b", "c"], "target": [0, 0, 1]})
+    invoices = pd.DataFrame(
+        _rows("a", ["2015-01-01", "2016-01-01", "2017-01-01", "2018-01-01"])
+        + _rows("b", ["2015-01-01", "2016-01-01"])
+        + _rows("c", ["2015-01-01", "2016-01-01"])
+    )
+    clients.to_csv(folder / "clients_train.csv", index=False)
+    invoices.to_csv(folder / "invoices_train.csv", index=False)
+    outcomes.to_csv(folder / "outcomes.csv", index=False)
+
+
+# The reviewer's rows: a future date that would flip a label, a non-date, fraud=7, an empty fraud,
+# an unknown client; and one valid row.
+HOSTILE_OUTCOMES = pd.DataFrame(
+    {
+        "client_id": ["a", "a", "b", "c", "c", "zz"],
+        "inspection_date": [
+            "2099-01-01",
+            "2016-06-01",
+            "not-a-date",
+            "2015-06-01",
+            "2015-06-01",
+            "2015-01-01",
+        ],
+        "fraud": ["1", "0", "1", "7", "", "1"],
+    }
+)
+HOSTILE_REASONS = {
+    "inspection_date in the future": 1,
+    "invalid fraud": 2,
+    "invalid inspection_date": 1,
+    "unknown client_id": 1,
+}
+
+
+def test_train_uses_or_rejects_every_outcome_row(tmp_path: Path) -> None:
+    """`ptd train --data DIR` with DIR/outcomes.csv: a row is used or rejected with its reason."""
+    _write_training(tmp_path / "data", HOSTILE_OUTCOMES)
+    labelled = load_labelled(tmp_path / "data")
+    outcomes = labelled.summary["outcomes"]
+    assert (outcomes["outcome_rows_read"], outcomes["outcome_rows"]) == (6, 1)
+    assert outcomes["outcome_rows_rejected"] == 5
+    assert outcomes["outcome_rows_rejected_by_reason"] == HOSTILE_REASONS
+    assert outcomes["outcome_unknown_clients"] == 1
+    assert outcomes["inspection_dates"] == ["2016-06-01", "2016-06-01"]
+    # The 2099 row did not decide a's label: its inspection of 2016-06-01 (no fraud) did, and
+    # a's history stops there; c keeps its target (both its rows are invalid).
+    assert labelled.labels.to_dict() == {"a": 0, "b": 0, "c": 1}
+    day = float((np.datetime64("2016-06-01") - np.datetime64("1970-01-01")).astype(int))
+    kept = labelled.invoices.groupby("client_id")["invoice_day"].max().to_dict()
+    assert kept["a"] < day
+    # An inspection after the date of the data is rejected too.
+    early = load_labelled(tmp_path / "data", as_of=date(2016, 1, 1)).summary["outcomes"]
+    assert early["outcome_rows"] == 0
+    assert early["outcome_rows_rejected_by_reason"]["inspection_date in the future"] == 2
+
+
+@pytest.mark.azurite
+@pytest.mark.xdist_group("azurite")
+def test_snapshot_uses_or_rejects_every_outcome_row(
+    tmp_path: Path,
+    azurite: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from detector.store import blob_service_client
+
+    training = f"training-{uuid.uuid4().hex[:8]}"
+    container = blob_service_client(Settings(), {"STORAGE": azurite}).get_container_client(training)
+    container.create_container()
+    clients, invoices = make_steg(40, seed=3)
+    evaluation_clients, evaluation_invoices = make_steg(20, seed=4)
+    for frame in (evaluation_clients, evaluation_invoices):
+        frame["client_id"] = "e-" + frame["client_id"]
+    good = pd.DataFrame(
+        {
+            "client_id": ["c00000", "c00001", "c00002"],
+            "inspection_date": ["2015-06-01", "20/07/2015", "2015-08-01"],
+            "fraud": ["1", "0", "1.0"],
+        }
+    )
+    hostile = pd.DataFrame(
+        {
+            "client_id": ["c00003", "c00004", "c00005", "c00006", "nobody", "e-c00000"],
+            "inspection_date": [
+                "2099-01-01",
+                "not-a-date",
+                "2015-06-01",
+                "2015-06-01",
+                "2015-01-01",
+                "2015-01-01",
+            ],
+            "fraud": ["1", "1", "7", "", "1", "1"],
+        }
+    )
+    for name, frame in (
+        ("latest/clients_train.parquet", clients),
+        ("latest/invoices_train.parquet", invoices),
+        ("outcomes/2026-10.csv", good),
+        ("outcomes/2026-11.csv", hostile),
+        ("evaluation/clients.parquet", evaluation_clients),
+        ("evaluation/invoices.parquet", evaluation_invoices),
+    ):
+        data = frame.to_csv(index=False).encode() if name.endswith(".csv") else frame.to_parquet()
+        container.upload_blob(name, data)
+    monkeypatch.setenv("STORAGE", azurite)
+    monkeypatch.setenv("PTD_TRAINING_CONTAINER", training)
+    out = tmp_path / "snapshot"
+    assert main(["snapshot", "--out", str(out)]) == 0
+    printed, err = capsys.readouterr()
+    taken = json.loads(printed)
+    reasons = {
+        "client in the evaluation set": 1,
+        "inspection_date in the future": 1,
+        "invalid fraud": 2,
+        "invalid inspection_date": 1,
+        "unknown client_id": 1,
+    }
+    assert (taken["outcome_rows"], taken["outcome_rows_read"]) == (3, 9)
+    assert taken["outcome_rows_rejected"] == 6
+    assert taken["outcome_rows_rejected_by_reason"] == reasons
+    assert taken["outcome_unknown_clients"] == 1
+    assert taken["outcomes_as_of"] == datetime.now(UTC).date().isoformat()
+    assert "outcomes: 9 rows read from 2 file(s), 3 used, 6 rejected (" in err
+    assert "outcomes.rejects.csv" in err and "nobody" not in err
+    # The stored outcomes are typed: what `ptd train` reads is what was checked.
+    schema = pq.read_schema(out / "outcomes.parquet")
+    assert [str(schema.field(c).type) for c in ("client_id", "inspection_date", "fraud")] == [
+        "string",
+        "date32[day]",
+        "int64",
+    ]
+    stored = pd.read_parquet(out / "outcomes.parquet")
+    assert stored["fraud"].tolist() == [1, 0, 1]
+    assert [str(d) for d in stored["inspection_date"]] == ["2015-06-01", "2015-07-20", "2015-08-01"]
+    rejects = pd.read_csv(out / "outcomes.rejects.csv", dtype=str, keep_default_na=False)
+    assert list(rejects.columns) == ["source", "row", "client_id", "reason"]
+    assert set(rejects["source"]) == {"outcomes/2026-11.csv"}
+    assert rejects["row"].tolist() == ["0", "1", "2", "3", "4", "5"]
+    assert rejects["reason"].str.split(":").str[0].value_counts().to_dict() == reasons
+    # `ptd train --data` on the snapshot: the same routine, every stored row used.
+    outcomes = load_labelled(out).summary["outcomes"]
+    assert (outcomes["outcome_rows"], outcomes["outcome_rows_rejected"]) == (3, 0)
 
 
 def test_the_manifest_records_the_training_data_snapshot(tiny_artifacts: ArtifactSet) -> None:
@@ -250,6 +400,9 @@ def _upload_training(store_env: dict[str, str], container: str, seed: int, shuff
     outcomes = pd.DataFrame(
         {"client_id": clients["client_id"][:20], "inspection_date": "2015-06-01", "fraud": 1}
     )
+    # Two rows the snapshot must reject: an inspection dated in the future, an unknown client.
+    outcomes.loc[20] = ["c00030", "2099-01-01", 1]
+    outcomes.loc[21] = ["nobody", "2015-06-01", 1]
     for name, frame in (
         ("latest/clients_train.parquet", clients),
         ("latest/invoices_train.parquet", invoices),
@@ -314,4 +467,8 @@ def test_the_retraining_step_promotes_only_what_the_gate_allows(
     # The challenger never trained on the evaluation clients.
     trained = json.loads((tmp_path / "work" / "challenger" / "manifest.json").read_text())
     assert "outcomes.parquet" in trained["training_data"]["files"]
+    # The outcome rows it used, and the ones the snapshot rejected, are counted.
+    taken = json.loads((tmp_path / "work" / "snapshot.json").read_text())
+    assert (taken["outcome_rows"], taken["outcome_rows_rejected"]) == (20, 2)
+    assert trained["training_data"]["outcomes"]["outcome_rows"] == 20
     assert trained["training_data"]["labelled_clients"] == 300

@@ -154,7 +154,7 @@ def test_publish_still_needs_the_reference_files(
     (folder / "random_forest.joblib").unlink()
     store = ModelStore.from_settings(_settings(tmp_path, _container()), env)
     with pytest.raises(ModelError, match=r"random_forest\.joblib listed in the manifest is"):
-        store.publish(folder, version="v1")
+        store.publish(folder)
     assert store.versions() == []
 
 
@@ -228,11 +228,16 @@ def test_publish_is_idempotent_and_versions_are_immutable(
     tmp_path: Path, env: dict[str, str], tiny_artifacts_dir: Path
 ) -> None:
     store = ModelStore.from_settings(_settings(tmp_path, _container()), env)
-    first = store.publish(tiny_artifacts_dir, version="v1")
-    assert store.publish(tiny_artifacts_dir, version="v1") == first  # a retried deploy step
-    other = _as_version(tiny_artifacts_dir, tmp_path / "other", "something-else")
-    with pytest.raises(ModelError, match="already exists"):
-        store.publish(other, version="v1")
+    first = store.publish(tiny_artifacts_dir)
+    assert store.publish(tiny_artifacts_dir, version=first) == first  # a retried deploy step
+    # Another set that calls itself the same version (trained again the same day, say).
+    other = _as_version(tiny_artifacts_dir, tmp_path / "other", first)
+    manifest = json.loads((other / MANIFEST).read_text())
+    manifest["created_at"] = "another training"
+    (other / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    with pytest.raises(ModelError, match=r"already exists .*retrain \(`ptd train`\)"):
+        store.publish(other)
+    assert store.versions() == [first]
     assert store.current() is None  # publishing alone does not activate
 
 
@@ -257,7 +262,7 @@ def test_activate_refuses_unknown_or_incomplete_versions(
     tmp_path: Path, env: dict[str, str], tiny_artifacts_dir: Path
 ) -> None:
     store = ModelStore.from_settings(_settings(tmp_path, _container()), env)
-    version = store.publish(tiny_artifacts_dir, version="v1")
+    version = store.publish(tiny_artifacts_dir)
     with pytest.raises(ModelError, match="not found"):
         store.activate("nope")
     store.container.delete_blob(f"{version}/scaler.npz")

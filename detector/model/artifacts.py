@@ -55,18 +55,51 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _plain_name(name: object) -> bool:
+    """Whether `name` is one file of a folder: not a path, not `.` or `..`, no control character.
+
+    A backslash is refused too: Blob Storage reads it as `/`, so `a\\b` is a path there.
+    """
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and not any(ord(c) < 0x20 or ord(c) == 0x7F for c in name)
+        and Path(name).name == name
+    )
+
+
+def manifest_files(manifest: Mapping[str, Any]) -> dict[str, str]:
+    """The manifest's `files`, {file name: SHA-256 hex}, every name confined to the set's folder.
+
+    Checked before any listed file is read or downloaded: a name that is a path (absolute,
+    `../other/...`, with `/` or `\\`), `.` or `..`, or has a control character is refused, so a
+    manifest can vouch only for files of its own folder (a store version, a cache, a local set).
+    Raises ModelError: "manifest names a file outside the artifact folder: <name>", or "is not a
+    valid manifest" when `files` is not an object.
+    """
+    files = manifest.get("files") if isinstance(manifest, Mapping) else None
+    if not isinstance(files, Mapping):
+        raise ModelError(f"{MANIFEST} is not a valid manifest: 'files' is not an object")
+    for name, digest in files.items():
+        if not _plain_name(name):
+            raise ModelError(f"manifest names a file outside the artifact folder: {name!r}")
+        if not isinstance(digest, str):
+            raise ModelError(f"{MANIFEST} is not a valid manifest: SHA-256 of {name} not text")
+    return {str(name): str(digest) for name, digest in files.items()}
+
+
 def serving_files(manifest: Mapping[str, Any]) -> list[str]:
     """The files of the manifest that serving needs, sorted: every listed file but the references.
 
-    These are what a cold start downloads (with manifest.json itself). Raises ModelError if the
-    manifest does not list a file that `ArtifactSet` loads (the JSON files, the scaler, each
-    model's `serving_file`), since such a file could not be verified.
+    These are what a cold start downloads (with manifest.json itself). Raises ModelError if a
+    listed name is not a plain file of the folder (`manifest_files`), or if the manifest does not
+    list a file that `ArtifactSet` loads (the JSON files, the scaler, each model's
+    `serving_file`), since such a file could not be verified.
     """
+    listed = list(manifest_files(manifest))
     try:
-        files = manifest["files"]
-        if not isinstance(files, Mapping):
-            raise TypeError("'files' is not an object")
-        listed = [str(name) for name in files]
         entries = dict(manifest.get("models", {})).values()
         loaded = {FEATURES_FILE, RESULTS_FILE, SCALER_FILE} | {
             str(entry["serving_file"]) for entry in entries
@@ -99,16 +132,14 @@ def verify_manifest(directory: Path, *, references_optional: bool = False) -> di
         raise ModelError(f"no {MANIFEST} in {directory}")
     try:
         manifest: dict[str, Any] = json.loads(manifest_path.read_text())
-        files: dict[str, str] = manifest["files"]
-        if not isinstance(files, dict):
-            raise TypeError("'files' is not an object")
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        if not isinstance(manifest, dict):
+            raise TypeError("not a JSON object")
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
         raise ModelError(f"{manifest_path} is not a valid manifest: {exc}") from None
+    files = manifest_files(manifest)  # every name confined to the folder, before any file is read
     serving = set(serving_files(manifest))
     for name, expected in sorted(files.items()):
         path = directory / name
-        if Path(name).name != name:
-            raise ModelError(f"manifest names a file outside the artifact folder: {name!r}")
         if not path.is_file():
             if references_optional and name not in serving:
                 continue  # a reference file: serving never reads it, the cold start skips it

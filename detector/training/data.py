@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,12 @@ from detector.schema import (
     prepare_invoices,
 )
 from detector.tables import read_table
-from detector.training.outcomes import before_inspection, merge_labels, read_outcomes
+from detector.training.outcomes import (
+    before_inspection,
+    client_ids,
+    merge_labels,
+    read_outcomes,
+)
 
 
 def find_table(data_dir: Path, stem: str) -> Path:
@@ -63,11 +69,12 @@ def optional_table(data_dir: Path, stem: str) -> Path | None:
         return None
 
 
-def load_labelled(data_dir: Path) -> LabelledData:
+def load_labelled(data_dir: Path, as_of: date | None = None) -> LabelledData:
     """`clients_train` (with `target`) and `invoices_train` from DIR, Parquet or CSV, and
     `outcomes` when present (training.outcomes: labels added or updated, histories cut at the
-    inspection). The summary is the data snapshot the manifest records: each file's SHA-256 and
-    rows, the outcomes, the date ranges.
+    inspection; every outcome row used or rejected with its reason, an inspection dated after
+    `as_of`, default today, rejected). The summary is the data snapshot the manifest records:
+    each file's SHA-256 and rows, the outcome rows used and rejected by reason, the date ranges.
 
     Raises InputError when a table is missing or carries no labels.
     """
@@ -76,13 +83,18 @@ def load_labelled(data_dir: Path) -> LabelledData:
         find_table(data_dir, "clients_train"),
         find_table(data_dir, "invoices_train"),
         optional_table(data_dir, "outcomes"),
+        as_of,
     )
 
 
 def load_labelled_files(
-    clients_path: Path, invoices_path: Path, outcomes_path: Path | None = None
+    clients_path: Path,
+    invoices_path: Path,
+    outcomes_path: Path | None = None,
+    as_of: date | None = None,
 ) -> LabelledData:
-    """`load_labelled` from named files (`ptd compare` names its evaluation set's files)."""
+    """`load_labelled` from named files (`ptd compare` names its evaluation set's files).
+    `as_of`: the date of the data, no inspection may be later (default: today, UTC)."""
     fingerprint = hashlib.sha256()
     files: dict[str, dict[str, Any]] = {}
     for path in (clients_path, invoices_path, outcomes_path):
@@ -92,11 +104,25 @@ def load_labelled_files(
         fingerprint.update(f"{path.name}:{digest};".encode())
         files[path.name] = {"sha256": digest, "bytes": path.stat().st_size}
     raw_clients = read_table(clients_path, (*CLIENT_COLUMNS, "target"))
-    outcomes = read_outcomes(outcomes_path) if outcomes_path is not None else None
-    if "target" not in raw_clients.columns and outcomes is None:
+    if "target" not in raw_clients.columns and outcomes_path is None:
         raise InputError(f"{clients_path}: no 'target' column with the fraud labels")
     raw_invoices = read_table(invoices_path, INVOICE_COLUMNS)
     prepared = prepare_invoices(raw_invoices)
+    # Outcomes: every row used or rejected with its reason (the same routine as `ptd snapshot`);
+    # a client in neither table, or an inspection dated after `as_of` (today), is rejected.
+    outcomes = (
+        read_outcomes(
+            outcomes_path,
+            as_of=as_of,
+            known_clients=client_ids(
+                raw_clients["client_id"] if "client_id" in raw_clients.columns else [],
+                prepared.frame["client_id"],
+                prepared.rejects.client_ids,
+            ),
+        )
+        if outcomes_path is not None
+        else None
+    )
     clients = prepare_clients(raw_clients)
     target = pd.to_numeric(
         raw_clients["target"] if "target" in raw_clients.columns else pd.Series(np.nan),

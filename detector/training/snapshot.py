@@ -8,15 +8,23 @@ Layout of the container (`PTD_TRAINING_CONTAINER`, default `training`), filled b
     evaluation/clients.(parquet|csv)      a labelled evaluation set that no model trains on
     evaluation/invoices.(parquet|csv)
 
-The snapshot folder then holds `clients_train`, `invoices_train` and `outcomes.parquet` (every
-outcome file, validated, in one table) for `ptd train --data`, and `evaluation/` for
-`ptd compare`. Clients of the evaluation set are removed from the training tables and outcomes,
-so that the challenger never learns from the clients it is judged on.
+The snapshot folder then holds `clients_train`, `invoices_train` and `outcomes.parquet` for
+`ptd train --data`, and `evaluation/` for `ptd compare`. Clients of the evaluation set are removed
+from the training tables and outcomes, so that the challenger never learns from the clients it is
+judged on.
+
+Every outcome row of every file ends used or rejected with its reason (`validate_outcomes`, the
+routine `ptd train` applies too): `outcomes.parquet` holds the used rows, typed (`client_id`
+string, `inspection_date` date, `fraud` int64 0/1), and `outcomes.rejects.csv` the others
+(`source, row, client_id, reason`): an inspection dated after the snapshot's date, a client of the
+evaluation set, a client in neither training table, a bad date or `fraud`. The summary counts
+them; no client id is logged.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -25,8 +33,8 @@ import pandas as pd
 
 from detector.config import Settings
 from detector.schema import InputError
-from detector.tables import read_table
-from detector.training.outcomes import OUTCOME_COLUMNS
+from detector.tables import read_table, spreadsheet_safe
+from detector.training.outcomes import UNKNOWN_CLIENT, client_ids, read_outcomes, today
 
 log = logging.getLogger(__name__)
 TABLE_SUFFIXES = (".parquet", ".csv")
@@ -74,35 +82,83 @@ def take_snapshot(
         path = _download(client, blob, target / PurePosixPath(blob).name)
         paths[f"{prefix}{stem}"] = path
         taken["files"][blob] = path.stat().st_size
-    held_out = set(
-        read_table(paths["evaluation/clients"], ("client_id",))["client_id"]
-        .astype("string")
-        .str.strip()
-    )
+    held_out = client_ids(read_table(paths["evaluation/clients"], ("client_id",))["client_id"])
+    known = []
     for key in ("latest/clients_train", "latest/invoices_train"):
         path = paths[key]
         table = read_table(path)
         ids = table["client_id"].astype("string").str.strip()
         kept = table[~ids.isin(held_out).to_numpy()]
         taken[f"{key}_rows_held_out"] = int(len(table) - len(kept))
+        known.append(kept["client_id"])
         kept.to_parquet(path.with_suffix(".parquet"), index=False)
         if path.suffix != ".parquet":
             path.unlink()
     outcome_blobs = [n for n in names if n.startswith("outcomes/") and n.endswith(TABLE_SUFFIXES)]
-    frames = []
-    for blob in outcome_blobs:
-        path = _download(client, blob, out / "outcome-files" / PurePosixPath(blob).name)
-        table = read_table(path, OUTCOME_COLUMNS)
-        missing = [c for c in OUTCOME_COLUMNS if c not in table.columns]
-        if missing:
-            raise InputError(f"{blob}: outcomes need column(s): {', '.join(missing)}")
-        frames.append(table[list(OUTCOME_COLUMNS)].astype("string"))
     taken["outcome_files"] = outcome_blobs
-    if frames:
-        outcomes = pd.concat(frames, ignore_index=True)
-        ids = outcomes["client_id"].str.strip()
-        outcomes = outcomes[~ids.isin(held_out).to_numpy()]
-        outcomes.to_parquet(out / "outcomes.parquet", index=False)
-        taken["outcome_rows"] = len(outcomes)
-    log.info("training snapshot of %s taken into %s", name, out)
+    if outcome_blobs:
+        taken.update(_outcomes(client, outcome_blobs, out, client_ids(*known), held_out))
+    log.info(
+        "training snapshot of %s taken into %s: %d outcome rows used, %d rejected",
+        name,
+        out,
+        taken.get("outcome_rows", 0),
+        taken.get("outcome_rows_rejected", 0),
+    )
     return taken
+
+
+OUTCOMES_FILE = "outcomes.parquet"
+OUTCOME_REJECTS_FILE = "outcomes.rejects.csv"
+
+
+def _outcomes(
+    container: Any, blobs: list[str], out: Path, known: pd.Index, held_out: pd.Index
+) -> dict[str, Any]:
+    """Validate every outcome file (`read_outcomes`: inspections after today, the snapshot's
+    date, clients of the evaluation set and clients in neither training table are rejected);
+    write the used rows, typed, to OUTCOMES_FILE and the rejected ones with their reasons to
+    OUTCOME_REJECTS_FILE; return the counts. Raises InputError for an unusable file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    as_of = today()
+    used, rejected = [], []
+    read = 0
+    reasons: Counter[str] = Counter()
+    unknown: set[str] = set()
+    for blob in blobs:
+        path = _download(container, blob, out / "outcome-files" / PurePosixPath(blob).name)
+        try:
+            checked = read_outcomes(path, as_of=as_of, known_clients=known, held_out=held_out)
+        except InputError as exc:
+            raise InputError(f"{blob}: {str(exc).split(': ', 1)[-1]}") from None
+        read += checked.rows
+        used.append(checked.used)
+        reasons.update(checked.rejects.counts())
+        frame = checked.rejects.to_frame()
+        unknown.update(frame.loc[frame["reason"] == UNKNOWN_CLIENT, "client_id"])
+        frame.insert(0, "source", blob)
+        rejected.append(frame)
+    table = pd.concat(used, ignore_index=True)
+    schema = pa.schema(
+        [("client_id", pa.string()), ("inspection_date", pa.date32()), ("fraud", pa.int64())]
+    )
+    pq.write_table(
+        pa.Table.from_pandas(table, schema=schema, preserve_index=False), out / OUTCOMES_FILE
+    )
+    rejects = pd.concat(rejected, ignore_index=True)
+    counts: dict[str, Any] = {
+        "outcomes_as_of": as_of.isoformat(),
+        "outcome_rows": len(table),
+        "outcome_rows_read": read,
+        "outcome_rows_rejected": len(rejects),
+        "outcome_rows_rejected_by_reason": dict(sorted(reasons.items())),
+        "outcome_unknown_clients": len(unknown),
+    }
+    if len(rejects):
+        for column in ("source", "client_id"):
+            rejects[column] = spreadsheet_safe(rejects[column])
+        rejects.to_csv(out / OUTCOME_REJECTS_FILE, index=False)
+        counts["outcome_rejects"] = str(out / OUTCOME_REJECTS_FILE)
+    return counts
