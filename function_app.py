@@ -1,8 +1,12 @@
 """Azure Functions entry point: thin wiring over `detector`.
 
-One ASGI function serves the whole HTTP API under /api (function keys in Azure), and one
-Event Grid blob trigger scores billing exports dropped into `batch-in`. Everything else lives in
-the `detector` package.
+One ASGI function serves the whole HTTP API under /api, and one Event Grid blob trigger scores
+billing exports dropped into `batch-in`. Everything else lives in the `detector` package.
+
+The HTTP function's auth level is FUNCTION (the host checks a function key) unless built-in
+authentication is on for this app (detected from the platform's own variables) and the app
+setting PTD_REQUIRE_FUNCTION_KEY is false: then ANONYMOUS, the Entra ID token alone
+(`detector.identity.http_auth_level`; docs/API.md, "Authentication").
 """
 
 from __future__ import annotations
@@ -12,10 +16,16 @@ import azurefunctions.extensions.bindings.blob as blob
 
 from detector.api import create_app
 from detector.config import Settings
+from detector.identity import http_auth_level
 from detector.telemetry import observe_blob_run
 
 settings = Settings.from_env()
-app = func.AsgiFunctionApp(app=create_app(settings), http_auth_level=func.AuthLevel.FUNCTION)
+app = func.AsgiFunctionApp(
+    app=create_app(settings),
+    http_auth_level=func.AuthLevel[
+        http_auth_level(settings.require_function_key, settings.platform_auth)
+    ],
+)
 
 
 @app.function_name("score_batch_blob")

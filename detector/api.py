@@ -44,6 +44,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from detector.config import MODEL_NAMES, ConfigError, Settings
 from detector.features import FEATURE_NAMES, FEATURES
+from detector.identity import MODELS_READ, SCORES_READ, PrincipalReader
 from detector.limits import BodyBudget, BudgetFull, RateLimiter, Reservation
 from detector.model import ArtifactSet, ModelError
 from detector.records import (
@@ -519,13 +520,13 @@ def _non_finite(value: Any, location: str) -> str | None:
     return None
 
 
-def _client_address(request: Request) -> str:
-    """The caller's address for the keyless rate limit: the socket peer, else the first
-    X-Forwarded-For hop (set by the Functions front end), else "unknown"."""
+def _peer_address(request: Request) -> str | None:
+    """The socket peer, as the server saw it (under `ptd serve`, a forwarded address only from a
+    proxy named by `--forwarded-allow-ips`); None behind the Functions host, which passes none.
+    Never a header the caller writes: rotating `X-Forwarded-For` must not buy a fresh limit."""
     if request.client is not None and request.client.host:
         return request.client.host
-    forwarded = request.headers.get("x-forwarded-for", "").split(",", 1)[0].strip()
-    return forwarded[:64] or "unknown"
+    return None
 
 
 def _parse_keys(entries: tuple[str, ...]) -> list[tuple[str, bytes]]:
@@ -701,6 +702,9 @@ def create_app(
     )
     # Who calls when the app has no keys of its own: in Azure the host checked a function key.
     keyless_caller = "function-key" if in_azure_functions() else "anonymous"
+    # Built-in authentication on: the platform's headers name the caller (detector.identity).
+    principals = PrincipalReader() if settings.platform_auth else None
+    required_roles = frozenset(settings.required_roles)
     holder = ModelHolder(artifacts_loader or default_loader(settings), retry_backoff)
 
     @asynccontextmanager
@@ -730,13 +734,43 @@ def create_app(
     app.state.model_holder = holder
     _register_drift_gauges(holder)
 
-    async def require_key(request: Request) -> None:
+    async def require_key(request: Request, role: str) -> None:
+        """Who calls, or 401/403. With built-in authentication on (Azure, detected from the
+        platform's variables): the verified caller in the platform's headers, 401 without one,
+        403 without the route's app role when `PTD_REQUIRED_ROLES` lists it. Else the local API
+        key's name (`PTD_API_KEYS`), else the caller the host vouched for (`function-key` in
+        Azure) or `anonymous` (locally). Then the caller's rate limit (not for a 401)."""
         info = request_info.get()
+        if principals is not None:
+            verified = principals.caller(request.scope["headers"])
+            if verified is None:
+                raise ApiError(
+                    401,
+                    "unauthorized",
+                    "no verified caller: send an Entra ID access token for this API in "
+                    "Authorization: Bearer",
+                    "header.authorization",
+                )
+            if info is not None:
+                info["caller"] = verified.name
+            rate_limit(f"caller:{verified.name}")
+            if role in required_roles and role not in verified.roles:
+                raise ApiError(
+                    403,
+                    "forbidden",
+                    f"caller {verified.name} lacks the app role {role} this route needs; an "
+                    "administrator assigns it to the client application "
+                    "(docs/DEPLOYMENT_GUIDE.md)",
+                    "header.authorization",
+                )
+            return
         if not keys:
             if info is not None:
                 info["caller"] = keyless_caller
-            if limiter is not None:
-                rate_limit(f"address:{_client_address(request)}")
+            # The socket peer locally; behind the Functions host there is none, and every
+            # caller shares one bucket per instance (the host cannot say which key was used).
+            peer = _peer_address(request)
+            rate_limit(f"address:{peer}" if peer else f"caller:{keyless_caller}")
             return
         supplied = request.headers.get("x-api-key") or request.headers.get("x-functions-key")
         if not supplied:
@@ -752,8 +786,7 @@ def create_app(
             raise ApiError(401, "unauthorized", "invalid API key", "header.x-api-key")
         if info is not None:
             info["caller"] = caller
-        if limiter is not None:
-            rate_limit(f"key:{caller}")
+        rate_limit(f"key:{caller}")
 
     def rate_limit(bucket: str) -> None:
         if limiter is None:
@@ -859,17 +892,18 @@ def create_app(
                 "description": "Prometheus text exposition format",
                 "content": {"text/plain": {"schema": {"type": "string"}}},
             },
-            401: _error_ref("missing or invalid API key"),
+            401: _error_ref(UNAUTHORIZED_DESCRIPTION),
+            403: _error_ref(FORBIDDEN_DESCRIPTION),
             429: _error_ref("over the per-caller rate limit"),
         },
     )
     async def metrics(request: Request) -> Response:
-        await require_key(request)
+        await require_key(request, MODELS_READ)
         return Response(prometheus_text(), media_type=PROMETHEUS_CONTENT_TYPE)
 
     @app.get("/api/model_info", tags=["model"], responses=_PROTECTED_GET)
     async def model_info(request: Request) -> Response:
-        await require_key(request)
+        await require_key(request, MODELS_READ)
         artifacts = await artifacts_or_503()
         manifest = artifacts.manifest
         results = artifacts.training_results
@@ -907,7 +941,7 @@ def create_app(
 
     @app.get("/api/features", tags=["model"], responses=_PROTECTED_GET)
     async def features(request: Request) -> Response:
-        await require_key(request)
+        await require_key(request, MODELS_READ)
         from detector.schema import CLIENT_SCHEMA, INVOICE_SCHEMA, REQUIRED_INVOICE_COLUMNS
 
         return json_response(
@@ -959,7 +993,8 @@ def create_app(
                 "400": _error_ref(
                     "malformed JSON, or a body that is not what its Content-Encoding says"
                 ),
-                "401": _error_ref("missing or invalid API key"),
+                "401": _error_ref(UNAUTHORIZED_DESCRIPTION),
+                "403": _error_ref(FORBIDDEN_DESCRIPTION),
                 "413": _error_ref("body (decoded), batch or history over its limit"),
                 "415": _error_ref(
                     "the body is not application/json, or its content coding is not gzip, "
@@ -981,7 +1016,7 @@ def create_app(
         responses={200: {"content": {"application/json": {"schema": _ref("Prediction")}}}},
     )
     async def predict(request: Request) -> Response:
-        await require_key(request)
+        await require_key(request, SCORES_READ)
         artifacts = await artifacts_or_503()
         name = chosen_model(artifacts, request)
         plan = body_plan(request, settings.max_body_bytes)
@@ -1019,7 +1054,7 @@ def create_app(
         responses={200: {"content": {"application/json": {"schema": _ref("BatchResponse")}}}},
     )
     async def predict_batch(request: Request) -> Response:
-        await require_key(request)
+        await require_key(request, SCORES_READ)
         artifacts = await artifacts_or_503()
         name = chosen_model(artifacts, request)
         plan = body_plan(request, settings.max_body_bytes)
@@ -1130,6 +1165,7 @@ def create_app(
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST"],
             allow_headers=[
+                "authorization",
                 "content-type",
                 "x-api-key",
                 "x-functions-key",
@@ -1155,14 +1191,17 @@ def create_app(
             components.update(generated.pop("$defs", {}))
             components[name] = generated
         components["BatchRequest"]["properties"]["records"]["maxItems"] = settings.max_batch_records
-        if keys:
-            schema["components"]["securitySchemes"] = {
-                "ApiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}
-            }
+        scheme: dict[str, Any] | None = None
+        if settings.platform_auth:
+            scheme = {"EntraId": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}
+        elif keys:
+            scheme = {"ApiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}}
+        if scheme is not None:
+            schema["components"]["securitySchemes"] = scheme
             for path, item in schema["paths"].items():
                 if path not in OPEN_ROUTES:
                     for operation in item.values():
-                        operation["security"] = [{"ApiKey": []}]
+                        operation["security"] = [{name: []} for name in scheme]
         app.openapi_schema = schema
         return schema
 
@@ -1179,6 +1218,12 @@ _SCHEMA_TYPES: dict[str, Any] = {
 }
 
 
+UNAUTHORIZED_DESCRIPTION = (
+    "missing or invalid API key, or (built-in authentication on) no verified caller"
+)
+FORBIDDEN_DESCRIPTION = "the verified caller lacks the app role of the route (PTD_REQUIRED_ROLES)"
+
+
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
@@ -1191,7 +1236,8 @@ def _error_ref(description: str) -> dict[str, Any]:
 
 
 _PROTECTED_GET: dict[int | str, dict[str, Any]] = {
-    401: _error_ref("missing or invalid API key"),
+    401: _error_ref(UNAUTHORIZED_DESCRIPTION),
+    403: _error_ref(FORBIDDEN_DESCRIPTION),
     429: _error_ref("over the per-caller rate limit; see Retry-After"),
     503: _error_ref("the model is not available"),
 }

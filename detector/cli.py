@@ -24,7 +24,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.max_header_bytes < 1024:
         raise CommandError("--max-header-bytes must be at least 1024")
-    run(args.host, args.port, args.max_header_bytes)
+    run(args.host, args.port, args.max_header_bytes, args.forwarded_allow_ips)
     return 0
 
 
@@ -309,6 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_HEADER_BYTES,
         help="largest request line + headers accepted, in bytes; larger ones get 431 "
         f"(default {DEFAULT_MAX_HEADER_BYTES})",
+    )
+    serve.add_argument(
+        "--forwarded-allow-ips",
+        default="",
+        metavar="IPS",
+        help="comma-separated addresses (or networks) of reverse proxies whose X-Forwarded-For "
+        "names the caller; default none: the caller is the socket peer, even over loopback",
     )
     serve.set_defaults(handler=_serve)
 

@@ -12,6 +12,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from detector.identity import KNOWN_ROLES, platform_auth_enabled
+
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models_artifacts"
 MODEL_NAMES = ("lightgbm", "random_forest", "logistic_regression")
 # Model version names, everywhere a version is named (store paths, pointer, PTD_MODEL_VERSION,
@@ -87,6 +89,15 @@ class Settings:
     appinsights_connection: str = field(
         default="", repr=False
     )  # APPLICATIONINSIGHTS_CONNECTION_STRING
+    # PTD_REQUIRED_ROLES: app roles a verified caller must hold, per route (detector.identity);
+    # empty: any caller the platform let in. Only with built-in authentication on.
+    required_roles: tuple[str, ...] = ()
+    # PTD_REQUIRE_FUNCTION_KEY: false lets the platform's token alone in (auth level ANONYMOUS),
+    # honoured only when built-in authentication is on (detector.identity.http_auth_level).
+    require_function_key: bool = True
+    # Not a setting: built-in authentication is on for this process, read from the platform's
+    # own variables (detector.identity.platform_auth_enabled); never true under `ptd serve`.
+    platform_auth: bool = False
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -114,6 +125,18 @@ class Settings:
                 f"setting PTD_MAX_INFLIGHT_BODY_BYTES={inflight} must be at least "
                 f"PTD_MAX_BODY_BYTES={max_body}: a body of the largest size could never be read"
             )
+        roles = _list(env, "PTD_REQUIRED_ROLES")
+        unknown = [r for r in roles if r not in KNOWN_ROLES]
+        if unknown:
+            raise ConfigError(
+                f"setting PTD_REQUIRED_ROLES names {unknown[0][:40]!r}; the app roles are "
+                f"{', '.join(KNOWN_ROLES)}"
+            )
+        require_key = env.get("PTD_REQUIRE_FUNCTION_KEY", "true").strip().lower() or "true"
+        if require_key not in ("true", "false"):
+            raise ConfigError(
+                f"setting PTD_REQUIRE_FUNCTION_KEY={require_key[:20]!r} must be 'true' or 'false'"
+            )
         return cls(
             model_source=source,
             model_dir=Path(env.get("PTD_MODEL_DIR") or BUNDLED_MODEL_DIR),
@@ -137,4 +160,7 @@ class Settings:
             cors_origins=_list(env, "PTD_CORS_ORIGINS"),
             log_level=env.get("PTD_LOG_LEVEL", "INFO").strip().upper() or "INFO",
             appinsights_connection=env.get("APPLICATIONINSIGHTS_CONNECTION_STRING", ""),
+            required_roles=roles,
+            require_function_key=require_key == "true",
+            platform_auth=platform_auth_enabled(env),
         )

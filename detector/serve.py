@@ -12,6 +12,13 @@ the same limit itself (and answers 431 in plain text).
 The limit is checked once per received chunk, which costs a comparison per read (measured: no
 change of /api/predict's latency, docs/OPERATIONS.md). Only the head of a request is counted,
 never its body. Azure does not run this: there the Functions host (Kestrel) bounds headers.
+
+Forwarded headers: uvicorn by default believes `X-Forwarded-For` from 127.0.0.1 (its
+`forwarded_allow_ips`), so any local caller could name itself another address and get a fresh
+rate-limit allowance per request. `ptd serve` believes them only from the proxies given with
+`--forwarded-allow-ips` (a real reverse proxy's address); otherwise the caller's address is the
+socket peer. It never trusts the platform's identity headers (`X-MS-CLIENT-PRINCIPAL*`): there is
+no platform in front of it (`app_factory`).
 """
 
 from __future__ import annotations
@@ -151,14 +158,35 @@ def bounded_protocol() -> type[asyncio.Protocol] | None:
     return BoundedHttpToolsProtocol
 
 
-def run(host: str, port: int, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> None:
-    """Serve `detector.api:create_app` until interrupted."""
+def app_factory() -> Any:
+    """`detector.api:create_app` from the environment's settings, with the platform's identity
+    headers never trusted (no Functions host, so nothing strips caller-sent copies)."""
+    import dataclasses
+
+    from detector.api import create_app
+    from detector.config import Settings
+
+    return create_app(dataclasses.replace(Settings.from_env(), platform_auth=False))
+
+
+def run(
+    host: str,
+    port: int,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    forwarded_allow_ips: str = "",
+) -> None:
+    """Serve `app_factory()` until interrupted. `forwarded_allow_ips`: comma-separated addresses
+    or networks of the proxies whose `X-Forwarded-For`/`-Proto` are believed (uvicorn's option);
+    empty: none, whatever the environment's `FORWARDED_ALLOW_IPS` says."""
     import uvicorn
 
     protocol = bounded_protocol()
+    trusted = [item.strip() for item in forwarded_allow_ips.split(",") if item.strip()]
     uvicorn.run(
-        "detector.api:create_app",
+        "detector.serve:app_factory",
         factory=True,
+        proxy_headers=bool(trusted),
+        forwarded_allow_ips=trusted or [],
         host=host,
         port=port,
         log_level="warning",

@@ -192,6 +192,19 @@ param corsOrigins string = ''
 ])
 param logLevel string = 'INFO'
 
+// Who calls (docs/DEPLOYMENT_GUIDE.md, "Entra ID"): built-in authentication with Microsoft Entra ID.
+@description('Application (client) id of the API\'s app registration: turns on built-in authentication (tokens required on /api/* but health and the API description). Empty: function keys only.')
+param entraApiClientId string = ''
+
+@description('Application (client) ids of the client applications (the utility\'s systems) allowed to call the API, comma-separated.')
+param allowedClientApplications string = ''
+
+@description('PTD_REQUIRED_ROLES: app roles the app checks per route (Scores.Read, Models.Read); empty: any allowed client application may call every route.')
+param requiredAppRoles string = 'Scores.Read,Models.Read'
+
+@description('PTD_REQUIRE_FUNCTION_KEY: with built-in authentication on, false lets a token alone in; true (default) requires a function key as well.')
+param requireFunctionKey bool = true
+
 @description('Tags for every resource.')
 param tags object = {}
 
@@ -207,6 +220,8 @@ var zoneSku = contains(['Standard_GRS', 'Standard_GZRS'], storageSku) ? 'Standar
 var dataStorageSku = zoneRedundant ? zoneSku : storageSku
 var hostStorageSku = zoneRedundant ? 'Standard_ZRS' : 'Standard_LRS'
 var alertReceivers = concat(empty(alertEmail) ? [] : ['email'], empty(alertWebhookUrl) ? [] : ['webhook'])
+// Comma-separated in the parameters file (a GitHub or azd variable), an array for authsettingsV2.
+var allowedClientIds = empty(allowedClientApplications) ? [] : split(replace(allowedClientApplications, ' ', ''), ',')
 var functionAppName = 'func-${appName}-${environmentName}-${token}'
 var modelsContainerName = 'models'
 var batchInContainerName = 'batch-in'
@@ -372,6 +387,10 @@ module functionApp 'modules/function-app.bicep' = {
     rateLimitPerMinute: rateLimitPerMinute
     corsOrigins: corsOrigins
     logLevel: logLevel
+    entraApiClientId: entraApiClientId
+    allowedClientApplications: allowedClientIds
+    requiredAppRoles: requiredAppRoles
+    requireFunctionKey: requireFunctionKey
     tags: allTags
   }
   // The host starts as soon as the app exists: its identity must already hold its roles.
@@ -439,6 +458,7 @@ module alerts 'modules/alerts.bicep' = if (alertsEnabled) {
 output resourceGroup string = resourceGroup().name
 output functionAppName string = functionApp.outputs.name
 output functionAppUrl string = 'https://${functionApp.outputs.defaultHostName}'
+output entraAuthEnabled bool = functionApp.outputs.entraAuthEnabled
 output storageAccountName string = storage.outputs.name
 output storageBlobEndpoint string = storage.outputs.blobEndpoint
 output modelsContainerName string = storage.outputs.modelsContainerName

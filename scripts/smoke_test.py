@@ -20,7 +20,8 @@ Grid subscription are in place:
 Probabilities match to 1e-6 (batch results are rounded to 6 decimals). Storage is reached with
 the same connection settings as `ptd` (STORAGE__blobServiceUri and az login, or STORAGE).
 
-Usage: python scripts/smoke_test.py --app-url URL --run-id ID   (key in SMOKE_FUNCTION_KEY)
+Usage: python scripts/smoke_test.py --app-url URL --run-id ID   (key in SMOKE_FUNCTION_KEY; with
+built-in authentication on, an Entra ID access token for the API in SMOKE_BEARER_TOKEN)
 Exit status 0 when every check passes, 1 otherwise (each failure is a GitHub ::error:: line).
 """
 
@@ -120,6 +121,9 @@ def _request(
     data = None if body is None else json.dumps(body).encode("utf-8")
     request = urllib.request.Request(url, data=data, method="GET" if body is None else "POST")  # noqa: S310
     request.add_header("x-functions-key", key)
+    token = os.environ.get("SMOKE_BEARER_TOKEN", "")
+    if token:  # built-in authentication on: an Entra ID token for the API (client credentials)
+        request.add_header("authorization", f"Bearer {token}")
     if body is not None:
         request.add_header("content-type", "application/json")
     try:

@@ -108,3 +108,13 @@ def test_tiny_suite_in_process_and_over_http(tiny_artifacts_dir: Path) -> None:
     text = render(rows, extra, machine(), "python -m benchmarks --tiny", 1.0)
     assert "| Section | Benchmark |" in text and "Where the time goes" in text
     assert "Agreement with LightGBM" in text and "TreeSHAP" in text
+
+
+def test_identity_benchmark_runs_at_tiny_sizes() -> None:
+    """`python -m benchmarks.identity` (docs/OPERATIONS.md, "Callers") cannot rot."""
+    from benchmarks import identity
+
+    figures = identity.measure(reader_runs=5, predict_runs=3)
+    assert set(figures["reader_us"]) == {"cached", "new token"}
+    assert set(figures["predict_in_process_us"]) == {"auth off", "auth on"}
+    assert figures["predict_ratio_p50"] > 0

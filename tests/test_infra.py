@@ -4,6 +4,8 @@ What is checked is what a first deployment depends on: the Flex Consumption plan
 settings, identity-only connections, container-scoped least-privilege roles, storage hardening,
 Application Insights without local auth, the alerts, the Event Grid system topic, the outputs the
 deploy workflow reads, and that the app settings match what the code reads (both directions).
+Issue 17 added: built-in authentication (authsettingsV2: Entra ID, tokens required but on the
+open paths, the allowed client applications) and the settings of the caller checks.
 Issue 16 added: the deployer defaulting to deployer(), dead-lettering and the post-deploy
 template (Event Grid subscription, availability test), alert receivers and minimum request
 counts, diagnostic settings, network isolation, zone redundancy, the lock, the workbook and the
@@ -170,6 +172,10 @@ def evaluate(expr: Any, scope: dict[str, Any]) -> Any:
             return values[1] in values[0]
         if fn == "concat":
             return [item for value in values for item in value]
+        if fn == "split":
+            return values[0].split(values[1])
+        if fn == "replace":
+            return values[0].replace(values[1], values[2])
         if fn == "union":
             merged: dict[str, Any] = {}
             for value in values:
@@ -1257,3 +1263,119 @@ def test_azd_tags() -> None:
     assert "azd-env-name" not in scope_of(parse(MAIN), tags={})["allTags"]
     values = resolved_parameters({"AZURE_ENV_NAME": "ptd-dev"})
     assert values["azdEnvName"]["value"] == "ptd-dev"
+
+
+# --- who calls: built-in authentication (issue 17) ---------------------------------------------
+
+
+def auth_settings() -> dict[str, Any]:
+    doc = module("function-app.bicep")
+    configs = [
+        body(r)
+        for r in resources_of(doc, "Microsoft.Web/sites/config").values()
+        if body(r)["name"] == "authsettingsV2"
+    ]
+    assert len(configs) == 1
+    return configs[0]
+
+
+def test_built_in_authentication_is_entra_id_with_tokens_required() -> None:
+    doc = module("function-app.bicep")
+    config = auth_settings()
+    assert config["parent"] == "app"
+    props = config["properties"]
+    # On exactly when the API's app registration is named; deployed either way, so that emptying
+    # the parameter turns it off again.
+    assert not resources_of(doc, "Microsoft.Web/sites/config")["authSettings"]["config"].get(
+        "condition"
+    )
+    for client_id, enabled in (("", False), ("5f0c0b5e-0000-4000-8000-000000000001", True)):
+        scope = scope_of(doc, entraApiClientId=client_id)
+        assert evaluate(props["platform"]["enabled"], scope) is enabled
+        aad = props["identityProviders"]["azureActiveDirectory"]
+        assert evaluate(aad["enabled"], scope) is enabled
+    assert param_default(doc, "entraApiClientId") == ""
+    assert param_default(parse(MAIN), "entraApiClientId") == ""
+    validation = props["globalValidation"]
+    assert validation["requireAuthentication"] is True
+    assert validation["unauthenticatedClientAction"] == "Return401"  # an API: no login redirect
+    aad = props["identityProviders"]["azureActiveDirectory"]
+    assert aad["registration"]["clientId"] == "entraApiClientId"
+    assert aad["registration"]["openIdIssuer"].endswith("${entraTenantId}/v2.0")
+    assert "environment().authentication.loginEndpoint" in aad["registration"]["openIdIssuer"]
+    assert aad["validation"]["allowedAudiences"] == "entraAudiences"
+    # v1 tokens name the Application ID URI, v2 ones the client id; nothing while off.
+    client_id = "5f0c0b5e-0000-4000-8000-000000000001"
+    assert scope_of(doc, entraApiClientId=client_id)["entraAudiences"] == [
+        "api://${entraApiClientId}",
+        client_id,
+    ]
+    assert scope_of(doc, entraApiClientId="")["entraAudiences"] == []
+    assert props["login"]["tokenStore"]["enabled"] is False
+    assert props["httpSettings"]["requireHttps"] is True
+
+
+def test_only_health_the_api_description_and_the_blob_webhook_are_open() -> None:
+    from detector.api import OPEN_ROUTES, ROUTES
+
+    excluded = set(auth_settings()["properties"]["globalValidation"]["excludedPaths"])
+    # The availability test and the smoke test ask /api/health; Event Grid calls the blob
+    # trigger's webhook with its system key and no token.
+    assert excluded == OPEN_ROUTES | {"/runtime/webhooks/blobs"}
+    assert "/api/health" in excluded
+    protected = set(ROUTES) - OPEN_ROUTES
+    assert protected == {
+        "/api/model_info",
+        "/api/features",
+        "/api/predict",
+        "/api/predict_batch",
+        "/api/metrics",
+    }
+    assert not protected & excluded
+    health = one(parse(POST_DEPLOY), "Microsoft.Insights/webtests")["properties"]["Request"]
+    assert health["RequestUrl"].endswith("/api/health")
+
+
+def test_allowed_client_applications_are_a_parameter() -> None:
+    aad = auth_settings()["properties"]["identityProviders"]["azureActiveDirectory"]
+    assert aad["validation"]["defaultAuthorizationPolicy"] == {
+        "allowedApplications": "allowedClientApplications"
+    }
+    main = parse(MAIN)
+    assert module_call("functionApp")["params"]["allowedClientApplications"] == "allowedClientIds"
+    for text, ids in (
+        ("", []),
+        ("11111111-1111-1111-1111-111111111111", ["11111111-1111-1111-1111-111111111111"]),
+        ("aaa, bbb,ccc", ["aaa", "bbb", "ccc"]),
+    ):
+        assert scope_of(main, allowedClientApplications=text)["allowedClientIds"] == ids
+    for name in ("entraApiClientId", "requiredAppRoles", "requireFunctionKey"):
+        assert module_call("functionApp")["params"][name] == name
+    values = resolved_parameters(
+        {"ENTRA_API_CLIENT_ID": "api-id", "ENTRA_ALLOWED_CLIENT_APPS": "a,b"}
+    )
+    assert values["entraApiClientId"]["value"] == "api-id"
+    assert values["allowedClientApplications"]["value"] == "a,b"
+    assert resolved_parameters({})["requireFunctionKey"]["value"] is True
+
+
+def test_caller_settings_default_to_roles_checked_and_keys_required() -> None:
+    from detector.config import Settings
+    from detector.identity import KNOWN_ROLES
+
+    settings = app_settings()
+    assert settings["PTD_REQUIRED_ROLES"] == "requiredAppRoles"
+    assert evaluate(settings["PTD_REQUIRE_FUNCTION_KEY"], {"requireFunctionKey": True}) == "true"
+    assert evaluate(settings["PTD_REQUIRE_FUNCTION_KEY"], {"requireFunctionKey": False}) == (
+        "false"
+    )
+    for doc in (parse(MAIN), module("function-app.bicep")):
+        roles = param_default(doc, "requiredAppRoles")
+        assert tuple(roles.split(",")) == KNOWN_ROLES
+        assert param_default(doc, "requireFunctionKey") is True
+    parsed = Settings.from_env(
+        {"PTD_REQUIRED_ROLES": param_default(parse(MAIN), "requiredAppRoles")}
+    )
+    assert parsed.required_roles == KNOWN_ROLES
+    # The platform's own variables are never app settings of ours.
+    assert not {"WEBSITE_AUTH_ENABLED", "WEBSITE_SKU"} & set(settings)

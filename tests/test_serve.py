@@ -155,3 +155,45 @@ def test_the_limit_is_an_option_of_ptd_serve() -> None:
     with pytest.raises(SystemExit):
         main(["serve", "--max-header-bytes", "ten"])
     assert main(["serve", "--max-header-bytes", "100"]) == 2
+
+
+# --- issue 17: no caller-controlled header decides the limit -------------------------------------
+
+
+def _features_with(port: int, forwarded: str, principal: str = "") -> int:
+    extra = f"x-forwarded-for: {forwarded}\r\n".encode()
+    if principal:
+        extra += f"x-ms-client-principal: {principal}\r\n".encode()
+    return exchange(port, get("/api/features", extra))[0]
+
+
+def test_rotating_x_forwarded_for_over_loopback_does_not_reset_the_limit() -> None:
+    from detector.identity import encode_principal
+
+    # uvicorn alone would believe X-Forwarded-For from 127.0.0.1 (FORWARDED_ALLOW_IPS default),
+    # and even set in the environment it is not believed without --forwarded-allow-ips; nor is
+    # a platform principal (no platform in front of ptd serve), whatever the environment says.
+    env = {
+        "PTD_RATE_LIMIT_PER_MINUTE": "2",
+        "FORWARDED_ALLOW_IPS": "*",
+        "FUNCTIONS_WORKER_RUNTIME": "python",
+        "WEBSITE_SKU": "FlexConsumption",
+        "WEBSITE_AUTH_ENABLED": "true",
+    }
+    principal = encode_principal([("appid", "forged-app")])
+    with ptd_serve(env=env) as (port, _):
+        # Without a principal: 401 if the platform's headers were believed, 200 if not.
+        plain = _features_with(port, "203.0.113.250")
+        # A fresh address each time: 200s all along if X-Forwarded-For named the client; a
+        # bucket of the forged app's own if the principal did (a 200 after the plain one).
+        forged = [_features_with(port, f"203.0.113.{i}", principal) for i in range(2)]
+    assert [plain, *forged] == [200, 200, 429]
+
+
+def test_a_named_proxy_is_believed() -> None:
+    with ptd_serve(
+        env={"PTD_RATE_LIMIT_PER_MINUTE": "1"}, args=("--forwarded-allow-ips", "127.0.0.1")
+    ) as (port, _):
+        # Behind a real proxy each client has its own address, so its own bucket.
+        assert [_features_with(port, f"203.0.113.{i}") for i in range(3)] == [200, 200, 200]
+        assert _features_with(port, "203.0.113.0") == 429

@@ -1025,3 +1025,27 @@ def test_every_package_leaves_out_exactly_the_model_references() -> None:
             name for name in manifest["files"] if any(fnmatch.fnmatch(name, g) for g in globs)
         }
         assert left_out == references, where
+
+
+def test_smoke_test_sends_a_token_when_built_in_authentication_is_on() -> None:
+    """Issue 17: with Entra ID on, /api/predict needs a token; health (the first check, and the
+    availability test) stays an excluded path."""
+    job = deploy_job()
+    smoke = job["steps"][index_of(job, "scripts/smoke_test.py")]
+    assert smoke["env"]["ENTRA_AUTH"] == "${{ steps.infra.outputs.entraAuthEnabled }}"
+    run = smoke["run"]
+    assert 'if [ "${ENTRA_AUTH}" = "true" ]' in run
+    assert 'get-access-token --resource "api://${ENTRA_API_CLIENT_ID}"' in run
+    assert 'echo "::add-mask::${token}"' in run and "SMOKE_BEARER_TOKEN" in run
+    source = (ROOT / "scripts" / "smoke_test.py").read_text()
+    assert '"SMOKE_BEARER_TOKEN"' in source and 'f"Bearer {token}"' in source
+    # The first token for the API is asked while the second login's OIDC assertion is fresh
+    # (AADSTS700024 otherwise, minutes later, after post-deploy): right after the storage token.
+    storage = index_of(job, "--resource https://storage.azure.com/")
+    early = job["steps"][storage + 1]
+    assert early["if"] == "${{ steps.infra.outputs.entraAuthEnabled == 'true' }}"
+    assert (
+        early["run"]
+        == 'az account get-access-token --resource "api://${ENTRA_API_CLIENT_ID}" --output none'
+    )
+    assert early["env"]["ENTRA_API_CLIENT_ID"] == smoke["env"]["ENTRA_API_CLIENT_ID"]

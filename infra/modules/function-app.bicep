@@ -94,6 +94,23 @@ param rateLimitPerMinute int = 0
 param corsOrigins string = ''
 param logLevel string = 'INFO'
 
+// Built-in authentication (App Service "Easy Auth", Microsoft Entra ID): on when
+// entraApiClientId names the API's app registration (docs/DEPLOYMENT_GUIDE.md, "Entra ID").
+@description('Application (client) id of the API\'s app registration; empty: no built-in authentication (function keys only).')
+param entraApiClientId string = ''
+
+@description('Tenant that issues the tokens.')
+param entraTenantId string = subscription().tenantId
+
+@description('Application (client) ids of the client applications (the utility\'s systems) allowed to call; Easy Auth refuses tokens of any other application with 403.')
+param allowedClientApplications array = []
+
+@description('PTD_REQUIRED_ROLES: app roles the app checks per route (Scores.Read: scoring; Models.Read: model_info, features, metrics); empty: any allowed client application.')
+param requiredAppRoles string = 'Scores.Read,Models.Read'
+
+@description('PTD_REQUIRE_FUNCTION_KEY: with built-in authentication on, false lets the token alone in (auth level ANONYMOUS); true also requires a function key.')
+param requireFunctionKey bool = true
+
 @description('Tags for every resource.')
 param tags object = {}
 
@@ -217,6 +234,71 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     PTD_RATE_LIMIT_PER_MINUTE: string(rateLimitPerMinute)
     PTD_CORS_ORIGINS: corsOrigins
     PTD_LOG_LEVEL: logLevel
+    // Who calls (detector/identity.py): the app roles checked per route, and whether a function
+    // key is still required next to the token. Both apply only with built-in authentication on.
+    PTD_REQUIRED_ROLES: requiredAppRoles
+    PTD_REQUIRE_FUNCTION_KEY: requireFunctionKey ? 'true' : 'false'
+  }
+}
+
+var entraAuthEnabled = !empty(entraApiClientId)
+// v1 access tokens (the app registration's default) carry the Application ID URI as audience,
+// v2 ones the client id. None while authentication is off: no half-empty values are stored.
+var entraAudiences = entraAuthEnabled ? ['api://${entraApiClientId}', entraApiClientId] : []
+
+// Built-in authentication. On Flex Consumption the Functions host runs it itself when the site's
+// auth configuration is enabled (environment variable WEBSITE_AUTH_ENABLED): it validates the
+// bearer token (issuer, audience, allowed client applications) and passes the caller to the app
+// in X-MS-CLIENT-PRINCIPAL*, headers it strips from the caller's request. Always deployed, so
+// that emptying entraApiClientId turns it off again.
+// https://learn.microsoft.com/azure/app-service/configure-authentication-provider-aad
+resource authSettings 'Microsoft.Web/sites/config@2024-04-01' = {
+  parent: app
+  name: 'authsettingsV2'
+  properties: {
+    platform: {
+      enabled: entraAuthEnabled
+      runtimeVersion: '~1'
+    }
+    globalValidation: {
+      requireAuthentication: true
+      unauthenticatedClientAction: 'Return401'
+      // Open without a token: the health probe (availability test, smoke test, load balancers),
+      // the API description, and the blob trigger's Event Grid webhook (it carries the
+      // blobs_extension system key; Event Grid sends no Entra token to it).
+      excludedPaths: [
+        '/api/health'
+        '/api/openapi.json'
+        '/api/docs'
+        '/runtime/webhooks/blobs'
+      ]
+    }
+    identityProviders: {
+      azureActiveDirectory: {
+        enabled: entraAuthEnabled
+        registration: {
+          clientId: entraApiClientId
+          openIdIssuer: '${environment().authentication.loginEndpoint}${entraTenantId}/v2.0'
+        }
+        validation: {
+          allowedAudiences: entraAudiences
+          defaultAuthorizationPolicy: {
+            allowedApplications: allowedClientApplications
+          }
+        }
+      }
+    }
+    login: {
+      tokenStore: {
+        enabled: false // an API: no sessions, no stored tokens
+      }
+    }
+    httpSettings: {
+      requireHttps: true
+      forwardProxy: {
+        convention: 'NoProxy'
+      }
+    }
   }
 }
 
@@ -242,3 +324,4 @@ output id string = app.id
 output name string = app.name
 output defaultHostName string = app.properties.defaultHostName
 output planId string = plan.id
+output entraAuthEnabled bool = entraAuthEnabled
