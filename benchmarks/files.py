@@ -161,7 +161,11 @@ def _csv_dialects(
             walls[kind].append(result["wall"])
             peaks.append(result["peak_rss"] / 2**30)
     ours, reference = statistics.median(walls["excel"]), statistics.median(walls["plain"])
-    same = (tmp / "scores-plain.csv").read_bytes() == (tmp / "scores-excel.csv").read_bytes()
+    # The same lines, in any order: rows come partition by partition, and the number of
+    # partitions follows the file's size in bytes, which the dialect changes.
+    same = sorted((tmp / "scores-plain.csv").read_bytes().splitlines()) == sorted(
+        (tmp / "scores-excel.csv").read_bytes().splitlines()
+    )
     return Row(
         "whole table",
         f"batch-file scoring of a CSV export: `;`, byte-order mark, CRLF ({what})",
@@ -172,7 +176,7 @@ def _csv_dialects(
         ratio=f"{ours / reference:.2f}x comma CSV",
         goal="≤ 1.05x comma CSV; same scores",
         met=yes_no(ours <= 1.05 * reference and same) if not cfg["table_rows"] else "",
-        note=f"results byte-identical to the comma CSV's: {yes_no(same)}; "
+        note=f"the same result rows as the comma CSV's (sorted): {yes_no(same)}; "
         f"CSV {plain.stat().st_size / 1e6:.0f} MB",
         data={"walls": walls, "peaks_gb": peaks, "same": same},
     )

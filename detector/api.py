@@ -683,6 +683,31 @@ class JsonCORSMiddleware(CORSMiddleware):
 # --- the app -----------------------------------------------------------------------------------
 
 
+def _log_auth_mode(settings: Settings, has_keys: bool) -> None:
+    """One line at start saying who the app believes, and a warning for each setting that the
+    mode makes ineffective: a setting that silently does nothing is a setting misread."""
+    if settings.platform_auth:
+        log.info(
+            "built-in authentication detected: callers are the platform's verified principals%s",
+            f"; app roles required: {', '.join(settings.required_roles)}"
+            if settings.required_roles
+            else "",
+        )
+        if has_keys:
+            log.warning("PTD_API_KEYS is ignored: built-in authentication names the callers")
+        return
+    if settings.required_roles:
+        log.warning(
+            "PTD_REQUIRED_ROLES is ignored: built-in authentication is not on for this process "
+            "(WEBSITE_AUTH_ENABLED, WEBSITE_SKU=FlexConsumption under the Functions host)"
+        )
+    if not settings.require_function_key:
+        log.warning(
+            "PTD_REQUIRE_FUNCTION_KEY=false is ignored: built-in authentication is not on, so "
+            "the function key stays required"
+        )
+
+
 def create_app(
     settings: Settings | None = None,
     artifacts_loader: Callable[[], ArtifactSet] | None = None,
@@ -704,6 +729,7 @@ def create_app(
     keyless_caller = "function-key" if in_azure_functions() else "anonymous"
     # Built-in authentication on: the platform's headers name the caller (detector.identity).
     principals = PrincipalReader() if settings.platform_auth else None
+    _log_auth_mode(settings, bool(keys))
     required_roles = frozenset(settings.required_roles)
     holder = ModelHolder(artifacts_loader or default_loader(settings), retry_backoff)
 
@@ -742,13 +768,15 @@ def create_app(
         Azure) or `anonymous` (locally). Then the caller's rate limit (not for a 401)."""
         info = request_info.get()
         if principals is not None:
-            verified = principals.caller(request.scope["headers"])
+            verified, why = principals.inspect(request.scope["headers"])
             if verified is None:
+                if info is not None:
+                    info["auth_failure"] = why  # a fixed phrase: never the header's content
                 raise ApiError(
                     401,
                     "unauthorized",
-                    "no verified caller: send an Entra ID access token for this API in "
-                    "Authorization: Bearer",
+                    f"no verified caller ({why}): send an Entra ID access token for this API "
+                    "in Authorization: Bearer",
                     "header.authorization",
                 )
             if info is not None:

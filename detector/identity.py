@@ -75,16 +75,24 @@ class Caller:
     roles: frozenset[str]
 
 
+# .NET's `Int32.TryParse` with its default (integer) style: optional whitespace and sign, ASCII
+# digits, in the 32-bit range.
+_DOTNET_INT = re.compile(r"[+-]?[0-9]+")
+_DOTNET_SPACE = " \t\n\v\f\r"
+
+
 def _truthy(value: str | None) -> bool:
-    """`WEBSITE_AUTH_ENABLED` as the Functions host reads it: a boolean ("True", "false", any
-    case) or an integer (non-zero is true)."""
-    text = (value or "").strip()
+    """`WEBSITE_AUTH_ENABLED` as the Functions host reads it (`HostEasyAuthOptionsSetup`:
+    `bool.TryParse`, then `int.TryParse`, non-zero is true): "True"/"false" in any case, or a
+    32-bit integer in ASCII digits. Anything the host would not read as true is false here, so the
+    app never trusts the headers when the host did not run the middleware."""
+    text = (value or "").strip(_DOTNET_SPACE)
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
-    try:
-        return int(text) != 0
-    except ValueError:
+    if not _DOTNET_INT.fullmatch(text):
         return False
+    number = int(text)
+    return -(2**31) <= number < 2**31 and number != 0
 
 
 def platform_auth_enabled(environ: Mapping[str, str]) -> bool:
@@ -119,31 +127,50 @@ def _first(claims: dict[str, list[str]], names: tuple[str, ...]) -> str | None:
     return None
 
 
-def decode_principal(encoded: str, principal_id: str | None = None) -> Caller | None:
-    """The caller in an `X-MS-CLIENT-PRINCIPAL` value, or None when it names none (malformed,
-    no usable id). A token with delegated scopes (`scp`) is a user's; one without is a client
-    application's own (client-credentials flow). `principal_id` (`X-MS-CLIENT-PRINCIPAL-ID`)
-    stands in for a missing `oid` claim."""
+# Why a principal names no caller: a fixed vocabulary, safe for logs and error messages.
+TOO_LARGE = "principal header over 32 KiB"
+NOT_BASE64 = "principal header is not base64"
+NOT_CLAIMS = "principal is not a JSON object with a claims list"
+NO_ID = "principal has no usable app id (appid, azp) or object id (oid) claim"
+
+
+def inspect_principal(encoded: str, principal_id: str | None = None) -> tuple[Caller | None, str]:
+    """The caller in an `X-MS-CLIENT-PRINCIPAL` value and, when there is none, why (one of
+    TOO_LARGE, NOT_BASE64, NOT_CLAIMS, NO_ID; "" with a caller). The value must be strict
+    base64 (RFC 4648 §4, as Easy Auth writes it): two values joined by a proxy, or one with bytes
+    appended, name no caller rather than the first one's. A token with delegated scopes (`scp`) is
+    a user's; one without is a client application's own (client-credentials flow).
+    `principal_id` (`X-MS-CLIENT-PRINCIPAL-ID`) stands in for a missing `oid` claim."""
     if len(encoded) > MAX_PRINCIPAL_BYTES:
-        return None
+        return None, TOO_LARGE
     try:
-        principal = json.loads(base64.b64decode(encoded.strip(), validate=False))
-        claims, role_typ = _claims(principal)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        return None
+        raw = base64.b64decode(encoded.strip(), validate=True)
+    except (ValueError, binascii.Error):
+        return None, NOT_BASE64
+    try:
+        claims, role_typ = _claims(json.loads(raw))
+    # RecursionError: a few hundred nested brackets fit in a kilobyte.
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None, NOT_CLAIMS
     role_types = (role_typ, *_ROLE) if role_typ else _ROLE
     roles = frozenset(r for t in role_types for r in claims.get(t, ()) if r in KNOWN_ROLES)
     delegated = any(claims.get(t) for t in _SCOPE)
     if not delegated:
         app_id = _first(claims, _APPID)
         if app_id is not None:
-            return Caller(f"app:{app_id}", "app", roles)
+            return Caller(f"app:{app_id}", "app", roles), ""
     oid = _first(claims, _OID)
     if oid is None and principal_id and _ID.fullmatch(principal_id):
         oid = principal_id
     if oid is None:
-        return None
-    return Caller(f"user:{oid}", "user", roles)
+        return None, NO_ID
+    return Caller(f"user:{oid}", "user", roles), ""
+
+
+def decode_principal(encoded: str, principal_id: str | None = None) -> Caller | None:
+    """The caller in an `X-MS-CLIENT-PRINCIPAL` value, or None when it names none
+    (`inspect_principal` says why)."""
+    return inspect_principal(encoded, principal_id)[0]
 
 
 class PrincipalReader:
@@ -152,25 +179,36 @@ class PrincipalReader:
     are kept by header value (at most 1,024, the lot dropped when full)."""
 
     def __init__(self) -> None:
-        self._cache: dict[tuple[str, str | None], Caller | None] = {}
+        self._cache: dict[tuple[str, str | None], tuple[Caller | None, str]] = {}
 
     def caller(self, raw_headers: list[tuple[bytes, bytes]]) -> Caller | None:
+        """The verified caller, or None (see `inspect`)."""
+        return self.inspect(raw_headers)[0]
+
+    def inspect(self, raw_headers: list[tuple[bytes, bytes]]) -> tuple[Caller | None, str]:
+        """The verified caller and, without one, why (a fixed phrase, safe to log)."""
         encoded: str | None = None
         principal_id: str | None = None
         for name, value in raw_headers:
             lowered = name.lower()
             if lowered == b"x-ms-client-principal":
+                if encoded is not None:
+                    return None, "more than one principal header"
                 encoded = value.decode("latin-1")
             elif lowered == b"x-ms-client-principal-id":
                 principal_id = value.decode("latin-1")
         if encoded is None:
-            return None
+            return None, "no principal header (no token, or the platform did not verify one)"
+        if len(encoded) > MAX_PRINCIPAL_BYTES:
+            return None, TOO_LARGE
+        if principal_id is not None and not _ID.fullmatch(principal_id):
+            principal_id = None  # never an id; also keeps the cache key small
         key = (encoded, principal_id)
         try:
             return self._cache[key]
         except KeyError:
             pass
-        found = decode_principal(encoded, principal_id)
+        found = inspect_principal(encoded, principal_id)
         if len(self._cache) >= _CACHE_SIZE:
             self._cache.clear()
         self._cache[key] = found
@@ -209,5 +247,6 @@ __all__ = [
     "decode_principal",
     "encode_principal",
     "http_auth_level",
+    "inspect_principal",
     "platform_auth_enabled",
 ]

@@ -8,6 +8,7 @@ decides identity or limits: in the ASGI app, and through function_app.py with re
 from __future__ import annotations
 
 import asyncio
+import base64
 import importlib
 import json
 import logging
@@ -29,6 +30,7 @@ from detector.identity import (
     decode_principal,
     encode_principal,
     http_auth_level,
+    inspect_principal,
     platform_auth_enabled,
 )
 from tests.test_api import FEATURES_BODY
@@ -74,6 +76,12 @@ def fields_of(caplog: pytest.LogCaptureFixture, logger: str) -> list[dict[str, A
         ({**PLATFORM_ENV, "WEBSITE_AUTH_ENABLED": "False"}, False),
         ({**PLATFORM_ENV, "WEBSITE_AUTH_ENABLED": ""}, False),
         ({**PLATFORM_ENV, "WEBSITE_AUTH_ENABLED": "yes"}, False),
+        ({**PLATFORM_ENV, "WEBSITE_AUTH_ENABLED": " -7 "}, True),
+        # What .NET's Int32.TryParse refuses, the host reads as off: so must the app.
+        ({**PLATFORM_ENV, "WEBSITE_AUTH_ENABLED": "4294967296"}, False),
+        ({**PLATFORM_ENV, "WEBSITE_AUTH_ENABLED": "1_0"}, False),
+        ({**PLATFORM_ENV, "WEBSITE_AUTH_ENABLED": "\u0661"}, False),
+        ({**PLATFORM_ENV, "WEBSITE_AUTH_ENABLED": "\u20031"}, False),
         ({k: v for k, v in PLATFORM_ENV.items() if k != "WEBSITE_AUTH_ENABLED"}, False),
         # Not under the Functions host (ptd serve, a shell): nothing strips the headers.
         ({k: v for k, v in PLATFORM_ENV.items() if k != "FUNCTIONS_WORKER_RUNTIME"}, False),
@@ -147,6 +155,51 @@ def test_principals_name_apps_and_users_by_id() -> None:
     assert decode_principal(encode_principal([("appid", "a b\nc")])) is None
 
 
+def test_hostile_principals_name_no_caller_and_say_why() -> None:
+    real = app_token(BILLING_APP)["x-ms-client-principal"]
+    # A padded value: a lenient decoder stops at the padding and reads the forged caller alone.
+    forged = next(
+        v
+        for k in range(3)
+        if (v := encode_principal([("appid", FIELD_APP), ("pad", "p" * k)])).endswith("=")
+    )
+    assert decode_principal(forged) is not None
+    # Deep nesting fits in a kilobyte and used to escape as RecursionError (a 500).
+    deep = base64.b64encode(b"[" * 1000).decode()
+    deep_claims = base64.b64encode(b'{"claims": [' + b'{"a": ' * 1000 + b"1" + b"}" * 1000 + b"]}")
+    cases = {
+        deep: "not a JSON object",
+        deep_claims.decode(): "not a JSON object",
+        # Two values joined by a proxy, or bytes appended: never the first value's caller.
+        f"{forged}, {real}": "not base64",
+        real + "garbage": "not base64",
+        "x" * 40_000: "over 32 KiB",
+        encode_principal([("name", "Jane")]): "no usable app id",
+    }
+    for value, why in cases.items():
+        caller, reason = inspect_principal(value)
+        assert caller is None and why in reason, (value[:40], reason)
+
+
+def test_the_reader_refuses_two_principal_headers_and_keeps_its_cache_small() -> None:
+    reader = PrincipalReader()
+    forged = encode_principal([("appid", FIELD_APP)]).encode()
+    real = app_token(BILLING_APP)["x-ms-client-principal"].encode()
+    caller, why = reader.inspect(
+        [(b"x-ms-client-principal", forged), (b"x-ms-client-principal", real)]
+    )
+    assert caller is None and "more than one" in why
+    # A long -ID header is never an id, so it neither names a caller nor grows the cache key.
+    user = encode_principal([("scp", "user_impersonation")]).encode()
+    for n in range(3):
+        caller = reader.caller(
+            [(b"x-ms-client-principal", user), (b"x-ms-client-principal-id", b"i" * (100_000 + n))]
+        )
+        assert caller is None
+    assert len(reader._cache) == 1
+    assert sum(len(k[0]) + len(k[1] or "") for k in reader._cache) < 1000
+
+
 def test_the_reader_caches_decoded_principals_by_header() -> None:
     reader = PrincipalReader()
     raw = [(k.encode(), v.encode()) for k, v in app_token(BILLING_APP).items()]
@@ -191,11 +244,23 @@ def test_platform_principal_names_the_caller_in_audit_and_request_log(
     assert request["caller"] == f"app:{BILLING_APP}"
     assert "CUST-IDENTITY-1" not in caplog.text
     # No verified caller: 401 naming the Authorization header (in Azure Easy Auth answers first).
-    for headers in ({}, {"x-ms-client-principal": "garbage"}, {"x-ms-client-principal-id": "x"}):
-        refused = client.post("/api/predict", content=PREDICT, headers={**JSON, **headers})
-        assert refused.status_code == 401
+    deep = base64.b64encode(b"[" * 1000).decode()
+    for headers, why in (
+        ({}, "no principal header"),
+        ({"x-ms-client-principal": "garbage"}, "not base64"),
+        ({"x-ms-client-principal-id": "x"}, "no principal header"),
+        ({"x-ms-client-principal": deep}, "not a JSON object"),
+    ):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="detector"):
+            refused = client.post("/api/predict", content=PREDICT, headers={**JSON, **headers})
+        assert refused.status_code == 401, refused.text
         assert refused.json()["error"]["code"] == "unauthorized"
+        assert why in refused.json()["error"]["message"]
         assert refused.json()["error"]["location"] == "header.authorization"
+        (request,) = fields_of(caplog, "detector.requests")
+        assert why in request["auth_failure"]
+        assert "Traceback" not in caplog.text
     assert client.get("/api/health").status_code == 200  # open
     schema = client.get("/api/openapi.json").json()
     assert schema["paths"]["/api/predict"]["post"]["security"] == [{"EntraId": []}]
@@ -407,3 +472,18 @@ def test_function_app_with_platform_auth_keeps_the_key_by_default(
     assert http.get_trigger().auth_level == func.AuthLevel.FUNCTION
     ok = call(request("/api/model_info", app_token(BILLING_APP)))
     assert ok.status_code == 200  # no role listed: any caller the platform let in
+
+
+def test_the_app_says_at_start_which_callers_it_believes(
+    make_client: Callable[..., TestClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="detector"):
+        make_client(platform_auth=True, required_roles=KNOWN_ROLES, api_keys=(f"b:{'k' * 24}",))
+    assert "built-in authentication detected" in caplog.text
+    assert "PTD_API_KEYS is ignored" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="detector"):
+        make_client(required_roles=(SCORES_READ,), require_function_key=False)
+    assert "PTD_REQUIRED_ROLES is ignored" in caplog.text
+    assert "PTD_REQUIRE_FUNCTION_KEY=false is ignored" in caplog.text
+    assert "built-in authentication detected" not in caplog.text
