@@ -67,7 +67,6 @@ from detector.telemetry import (
     configure_logging,
     correlation_from_headers,
     correlation_id,
-    in_azure_functions,
     log_event,
     prometheus_text,
     span,
@@ -726,7 +725,7 @@ def create_app(
         RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None
     )
     # Who calls when the app has no keys of its own: in Azure the host checked a function key.
-    keyless_caller = "function-key" if in_azure_functions() else "anonymous"
+    keyless_caller = "function-key" if settings.functions_host else "anonymous"
     # Built-in authentication on: the platform's headers name the caller (detector.identity).
     principals = PrincipalReader() if settings.platform_auth else None
     _log_auth_mode(settings, bool(keys))

@@ -98,6 +98,10 @@ class Settings:
     # Not a setting: built-in authentication is on for this process, read from the platform's
     # own variables (detector.identity.platform_auth_enabled); never true under `ptd serve`.
     platform_auth: bool = False
+    # Not a setting: this process runs under the Azure Functions host (FUNCTIONS_WORKER_RUNTIME
+    # set): the host's handlers ship the logs and a function key let the caller in. Never true
+    # under `ptd serve`, whatever the environment copied from local.settings.json says.
+    functions_host: bool = False
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -163,4 +167,5 @@ class Settings:
             required_roles=roles,
             require_function_key=require_key == "true",
             platform_auth=platform_auth_enabled(env),
+            functions_host=bool(env.get("FUNCTIONS_WORKER_RUNTIME")),
         )

@@ -159,14 +159,18 @@ def bounded_protocol() -> type[asyncio.Protocol] | None:
 
 
 def app_factory() -> Any:
-    """`detector.api:create_app` from the environment's settings, with the platform's identity
-    headers never trusted (no Functions host, so nothing strips caller-sent copies)."""
+    """`detector.api:create_app` from the environment's settings, outside the Functions host
+    whatever the environment says (a shell may carry FUNCTIONS_WORKER_RUNTIME from
+    local.settings.json): logs on stderr, keyless callers `anonymous`, and the platform's
+    identity headers never trusted (nothing strips caller-sent copies)."""
     import dataclasses
 
     from detector.api import create_app
     from detector.config import Settings
 
-    return create_app(dataclasses.replace(Settings.from_env(), platform_auth=False))
+    return create_app(
+        dataclasses.replace(Settings.from_env(), platform_auth=False, functions_host=False)
+    )
 
 
 def run(

@@ -135,10 +135,6 @@ _configured_lock = threading.Lock()
 _configured: dict[str, bool] = {"logging": False, "azure_monitor": False}
 
 
-def in_azure_functions() -> bool:
-    return bool(os.environ.get("FUNCTIONS_WORKER_RUNTIME"))
-
-
 def worker_exports_telemetry(environ: dict[str, str] | None = None) -> bool:
     """True when the Azure Functions Python worker configures Azure Monitor itself: app setting
     PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY=true (infra/modules/function-app.bicep). The worker
@@ -164,7 +160,7 @@ def configure_logging(settings: Settings) -> None:
     with _configured_lock:
         if not _configured["logging"]:
             _configured["logging"] = True
-            if not in_azure_functions():
+            if not settings.functions_host:
                 handler = logging.StreamHandler(sys.stderr)
                 handler.setFormatter(JsonFormatter())
                 logger.addHandler(handler)

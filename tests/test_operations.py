@@ -245,8 +245,8 @@ def test_keyless_caller_is_named_without_a_key(
     capture: Capture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("FUNCTIONS_WORKER_RUNTIME", "python")
-    client = make_client()
+    assert Settings.from_env({"FUNCTIONS_WORKER_RUNTIME": "python"}).functions_host
+    client = make_client(functions_host=True)
     body = {"customer_id": "f-1", "features": FEATURES}
     assert client.post("/api/predict", json=body).status_code == 200
     assert audit_lines(capture)[-1]["caller"] == "function-key"

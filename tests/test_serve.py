@@ -6,6 +6,7 @@ size up to the body limit, are not affected."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -197,3 +198,29 @@ def test_a_named_proxy_is_believed() -> None:
         # Behind a real proxy each client has its own address, so its own bucket.
         assert [_features_with(port, f"203.0.113.{i}") for i in range(3)] == [200, 200, 200]
         assert _features_with(port, "203.0.113.0") == 429
+
+
+def test_ptd_serve_is_never_the_functions_host(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A shell may carry the Functions variables (copied from local.settings.json): `ptd serve`
+    still names keyless callers `anonymous` (no host checked a function key) and trusts no
+    platform principal."""
+    from fastapi.testclient import TestClient
+
+    from detector import serve
+
+    for name, value in {
+        "FUNCTIONS_WORKER_RUNTIME": "python",
+        "WEBSITE_SKU": "FlexConsumption",
+        "WEBSITE_AUTH_ENABLED": "true",
+        "PTD_MODEL_SOURCE": "local",
+    }.items():
+        monkeypatch.setenv(name, value)
+    app = serve.app_factory()
+    assert not app.state.settings.functions_host and not app.state.settings.platform_auth
+    with TestClient(app) as client, caplog.at_level(logging.INFO, logger="detector"):
+        body = {"customer_id": "serve-1", "features": FEATURES_BODY}
+        assert client.post("/api/predict", json=body).status_code == 200
+    audits = [r.fields for r in caplog.records if r.name == "detector.audit"]
+    assert [a["caller"] for a in audits] == ["anonymous"]
