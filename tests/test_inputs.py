@@ -120,6 +120,52 @@ def test_every_dialect_scores_like_the_clean_csv(
     assert summary["input_rows"] == len(invoices)
 
 
+def test_windows_1252_is_found_anywhere_in_the_file(
+    export: tuple[pd.DataFrame, pd.DataFrame], tiny_artifacts: ArtifactSet, tmp_path: Path
+) -> None:
+    """The first accented character of a real export may come after a million ASCII rows: the
+    encoding is decided by the whole file (once decided by its first MiB, such a file was
+    refused whole with a UnicodeDecodeError)."""
+    _, invoices = export
+    repeats = -(-(2 << 20) // len(invoices.to_csv(index=False)))  # past 2 MiB of ASCII rows
+    many = pd.concat(
+        [invoices.assign(client_id=invoices["client_id"] + f"-{k}") for k in range(repeats)],
+        ignore_index=True,
+    )
+    accented = many.copy()
+    last = accented["client_id"].iloc[-1]
+    accented.loc[accented["client_id"] == last, "client_id"] = "c-Société"
+    plain = _write(accented, tmp_path / "utf8.csv")  # UTF-8: the reference
+    western = _write(accented, tmp_path / "cp1252.csv", encoding="cp1252")
+    assert western.read_bytes().index("é".encode("cp1252")) > 2 << 20
+    expected, _, _ = scored(plain, tiny_artifacts, tmp_path)
+    got, rejects, summary = scored(western, tiny_artifacts, tmp_path)
+    assert rejects is None, rejects
+    assert summary["csv_dialect"]["encoding"] == "cp1252"
+    assert "c-Société" in set(got["client_id"])
+    key = ["client_id"]
+    pd.testing.assert_frame_equal(
+        got.sort_values(key).reset_index(drop=True),
+        expected.sort_values(key).reset_index(drop=True),
+    )
+
+
+def test_utf8_split_between_read_blocks_is_still_utf8(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from detector import tables
+
+    monkeypatch.setattr(tables, "ENCODING_BLOCK", 7)
+    text = "client_id\n" + "a" * 3 + "é" + "\n"  # é: bytes 13 and 14, blocks 7..13 and 14..20
+    path = tmp_path / "split.csv"
+    path.write_bytes(text.encode("utf-8"))
+    assert tables._encoding(path) == "utf-8-sig"
+    path.write_bytes(text.encode("utf-8")[:-2])  # ends inside the character: not UTF-8
+    assert tables._encoding(path) == "cp1252"
+    path.write_bytes(("a" * 40 + "é").encode("cp1252"))
+    assert tables._encoding(path) == "cp1252"
+
+
 def test_the_handed_dialect_cases_score_like_their_clean_form(
     tiny_artifacts: ArtifactSet, tmp_path: Path
 ) -> None:
