@@ -47,7 +47,14 @@ def _score(args: argparse.Namespace) -> int:
             f"{summary_path.name}: an output of this run would overwrite its input; "
             "choose another --out"
         )
-    artifacts = ArtifactSet(Path(args.model_dir))
+    if args.model_dir:
+        artifacts = ArtifactSet(Path(args.model_dir))
+    else:
+        from detector.store import load_artifacts
+
+        # The model the API and the blob trigger would load with these settings: the active
+        # version of the store with PTD_MODEL_SOURCE=blob, else PTD_MODEL_DIR (the bundled set).
+        artifacts = load_artifacts(settings)
     result = score_file(
         Path(args.invoices),
         artifacts,
@@ -144,8 +151,24 @@ def _versions(args: argparse.Namespace) -> int:
     file of every version as activation does (exit 1 if one fails)."""
     import json
 
+    from detector.model import ModelError
+    from detector.store import storage_error
+
     store = _model_store(args)
     described = store.describe(verify=args.verify)
+    exists = True
+    if not described["versions"] and not described["invalid_names"]:
+        try:
+            exists = store.container.exists()
+        except Exception as exc:
+            raise storage_error(exc, "cannot list model versions", store.where) from None
+        # A person reading the list: a mistyped PTD_MODEL_CONTAINER must not look like an empty
+        # store. Scripts (--json) get `container_exists` instead: a first publish creates it.
+        if not exists and not args.json:
+            raise ModelError(
+                f"container not found ({store.where}): check PTD_MODEL_CONTAINER "
+                "(`ptd publish` creates it)"
+            )
     entries = described["versions"]
     pointer = described["pointer"]
     current = pointer["version"] if pointer else None
@@ -158,6 +181,7 @@ def _versions(args: argparse.Namespace) -> int:
                     "pointer": pointer,
                     "details": entries,
                     "invalid_names": described["invalid_names"],
+                    "container_exists": exists,
                 }
             )
         )
@@ -301,8 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the HTTP API locally (uvicorn)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=7071)
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
+    serve.add_argument("--port", type=int, default=7071, help="port (default 7071)")
     serve.add_argument(
         "--max-header-bytes",
         type=int,
@@ -320,11 +346,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_serve)
 
     score = sub.add_parser("score", help="score a CSV/Parquet file of invoices (or features)")
-    score.add_argument("invoices", help="invoice rows in the STEG schema, .csv or .parquet")
-    score.add_argument("--clients", help="client attributes, .csv or .parquet (optional)")
+    score.add_argument(
+        "invoices",
+        help="invoice rows in the STEG schema (or a features table): CSV in any common dialect "
+        "or Parquet, gzip-compressed or not",
+    )
+    score.add_argument("--clients", help="client attributes, CSV or Parquet (optional)")
     score.add_argument("--out", required=True, help="results CSV to write")
     score.add_argument("--model", choices=MODEL_NAMES, default=None)
-    score.add_argument("--model-dir", default=str(BUNDLED_MODEL_DIR), help=argparse.SUPPRESS)
+    score.add_argument(
+        "--model-dir",
+        default=None,
+        metavar="DIR",
+        help="a model folder to score with; default: the model the settings name, as the API "
+        "and the blob trigger load it (PTD_MODEL_SOURCE, PTD_MODEL_DIR, PTD_MODEL_VERSION: the "
+        "store's active version with PTD_MODEL_SOURCE=blob, else the bundled set)",
+    )
     score.set_defaults(handler=_score)
 
     publish = sub.add_parser("publish", help="upload model artifacts to blob storage as a version")

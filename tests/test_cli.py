@@ -132,8 +132,9 @@ def test_publish_activate_versions_rollback(
         manifest["model_version"] = version
         (sets[version] / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
-    assert main(["versions"]) == 0
-    assert "no model version published" in capsys.readouterr().err
+    # No container yet (Bicep creates `models`; here a fresh name): an error, not an empty store.
+    assert main(["versions"]) == 2
+    assert "container not found" in capsys.readouterr().err
 
     assert main(["publish", "--artifacts", str(sets["v1"]), "--version", "v1", "--activate"]) == 0
     assert capsys.readouterr().out.strip() == "v1"

@@ -695,3 +695,69 @@ def test_a_deploy_never_replaces_the_active_version_unless_asked(
     assert forced["active"] == bundled.version and forced["activated"] == "true"
     assert forced["model_dir"] == ""
     assert (store.current() or {})["previous"] == "operator-choice"
+
+
+def test_ptd_score_scores_with_the_model_the_settings_name(
+    tmp_path: Path,
+    azurite: str,
+    tiny_artifacts_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """RUNBOOKS reprocesses a file locally with `ptd score` to get Azure's results: so it must
+    score with the store's active version (after a rollback or a retrain, not the bundled set),
+    PTD_MODEL_DIR when the source is local, and --model-dir only when asked."""
+    from tests.synthetic import make_steg
+
+    settings, store, _ = _store(tmp_path, azurite)
+    active = store.publish(_named(tiny_artifacts_dir, tmp_path / "a", "active-one"), activate=True)
+    _, invoices = make_steg(30, seed=5)
+    path = tmp_path / "inv.csv"
+    invoices.to_csv(path, index=False)
+
+    def version_scored(*extra: str) -> str:
+        out = tmp_path / "r.csv"
+        assert cli_main(["score", str(path), "--out", str(out), *extra]) == 0, capsys.readouterr()
+        return str(json.loads((tmp_path / "r.summary.json").read_text())["model_version"])
+
+    monkeypatch.setenv("STORAGE", azurite)
+    monkeypatch.setenv("PTD_MODEL_SOURCE", "blob")
+    monkeypatch.setenv("PTD_MODEL_CONTAINER", settings.model_container)
+    monkeypatch.setenv("PTD_MODEL_CACHE_DIR", str(tmp_path / "cache"))
+    assert version_scored() == active
+    assert version_scored("--model-dir", str(REPO / "models_artifacts")) != active
+    monkeypatch.setenv("PTD_MODEL_SOURCE", "local")
+    monkeypatch.setenv("PTD_MODEL_DIR", str(tiny_artifacts_dir))
+    assert version_scored() == ArtifactSet(tiny_artifacts_dir).version
+    # An unreachable choice is one line and exit 2, never the bundled set instead.
+    monkeypatch.setenv("PTD_MODEL_SOURCE", "blob")
+    monkeypatch.setenv("PTD_MODEL_CONTAINER", "no-such-container")
+    capsys.readouterr()
+    assert cli_main(["score", str(path), "--out", str(tmp_path / "x.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ptd score: error:") and err.count("\n") == 1
+
+
+def test_ptd_versions_names_a_missing_container(
+    tmp_path: Path,
+    azurite: str,
+    tiny_artifacts_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A mistyped PTD_MODEL_CONTAINER is an error (exit 2), as in ptd activate and ptd fetch,
+    not an empty store (exit 0)."""
+    settings, store, _ = _store(tmp_path, azurite)
+    monkeypatch.setenv("STORAGE", azurite)
+    monkeypatch.setenv("PTD_MODEL_CONTAINER", settings.model_container)
+    capsys.readouterr()
+    assert cli_main(["versions"]) == 2
+    err = capsys.readouterr().err
+    assert "container not found" in err and settings.model_container in err
+    # Scripts read --json (publish-model.sh before the first publish): no error, but said.
+    assert cli_main(["versions", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["versions"] == [] and listed["container_exists"] is False
+    store._ensure_container()  # an existing, empty container: no version yet, not an error
+    assert cli_main(["versions"]) == 0
+    assert "no model version published" in capsys.readouterr().err
