@@ -444,7 +444,8 @@ class ModelStore:
         of the same version fails cleanly instead of mixing files; files go first and the
         manifest last (If-None-Match: *), so a half-finished upload is never a version.
         Publishing a version that already exists with the same manifest is a no-op (the deploy
-        workflow retries); a different manifest under the same name is refused. `activate`
+        workflow retries) once the stored copy is verified (`verify`; a damaged one is refused
+        with the reason); a different manifest under the same name is refused. `activate`
         moves the pointer to it (`activate`: the stored set verified first); `activate_if_none`
         only when no version is active. Raises ModelError.
         """
@@ -470,7 +471,19 @@ class ModelStore:
         manifest_name = f"{version}/{MANIFEST}"
         if self._exists(manifest_name):
             self._same_manifest(version, manifest_bytes)
-            log.info("model version %s is already published", version)
+            # "Already published" must mean "stored intact": a file damaged or deleted behind
+            # the store would otherwise pass for a successful publish (files are never
+            # rewritten under a published manifest, so the publish cannot repair it).
+            try:
+                self.verify(version)
+            except ModelError as exc:
+                raise ModelError(
+                    f"model version {version!r} is already published with this manifest, but "
+                    f"the stored copy fails its check: {exc}; a published version is never "
+                    "rewritten: restore the blob from its earlier version (RUNBOOKS) or publish "
+                    "a retrained set"
+                ) from None
+            log.info("model version %s is already published, stored copy verified", version)
         else:
             with self._publish_lock(version) as renew:
                 if self._exists(manifest_name):  # published by someone else meanwhile

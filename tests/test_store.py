@@ -239,6 +239,15 @@ def test_publish_is_idempotent_and_versions_are_immutable(
         store.publish(other)
     assert store.versions() == [first]
     assert store.current() is None  # publishing alone does not activate
+    # A stored file damaged or deleted behind the store: publishing again cannot repair it
+    # (a published version is never rewritten), so it must not report success either.
+    name = sorted(json.loads((tiny_artifacts_dir / MANIFEST).read_text())["files"])[0]
+    store.container.upload_blob(f"{first}/{name}", b"damaged", overwrite=True)
+    with pytest.raises(ModelError, match=rf"already published with this manifest, but .*{name}"):
+        store.publish(tiny_artifacts_dir)
+    store.container.delete_blob(f"{first}/{name}")
+    with pytest.raises(ModelError, match="stored copy fails its check"):
+        store.publish(tiny_artifacts_dir)
 
 
 def test_rollback_moves_the_pointer_back(
