@@ -289,6 +289,9 @@ def test_an_equal_challenger_is_promoted(
     assert main(["compare", *args, "--invoices", str(invoices), "--clients", str(clients)]) == 0
     out = capsys.readouterr().out
     assert "promote the challenger" in out and "roc_auc" in out and "precision_top_5pct" in out
+    # Top-1% precision is shown without a margin (it does not decide), never as "nan".
+    (top1,) = [line for line in out.splitlines() if line.startswith("precision_top_1pct")]
+    assert top1.endswith("shown") and "nan" not in out
 
 
 def test_a_worse_challenger_is_refused_and_a_better_one_promoted(

@@ -62,7 +62,8 @@ class Comparison:
             f"{'metric':<22}{'challenger':>12}{'champion':>12}{'margin':>9}",
             *(
                 f"{name:<22}{self.challenger[name]:>12.4f}{self.champion[name]:>12.4f}"
-                f"{MARGINS.get(name, float('nan')):>9.3f}"
+                # A metric without a margin is shown, not gated (too noisy on a few hundred).
+                + (f"{MARGINS[name]:>9.3f}" if name in MARGINS else f"{'shown':>9}")
                 for name in REPORTED
             ),
             f"{self.clients:,} clients, {self.frauds:,} confirmed frauds",
