@@ -386,7 +386,7 @@ def prepare_clients(raw: pd.DataFrame | None) -> PreparedClients:
         given = raw["creation_date"].notna().to_numpy()
         bad_date = given & np.isnan(creation)
         reasons[bad_date & (reasons == "")] = (
-            "invalid creation_date: expected dd/mm/yyyy; treated as missing"
+            "invalid creation_date: expected dd/mm/yyyy or yyyy-mm-dd; treated as missing"
         )
         implausible = given & ~np.isnan(creation) & ~in_window(creation)
         reasons[implausible & (reasons == "")] = (
