@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -87,3 +90,44 @@ def make_client(
     yield make
     for client in clients:
         client.close()
+
+
+@pytest.fixture
+def client(make_client: Callable[..., Any]) -> Any:
+    """An API test client over the tiny model, default settings."""
+    return make_client()
+
+
+@pytest.fixture(scope="module")
+def app_module(azurite: str, tiny_artifacts_dir: Path) -> Iterator[ModuleType]:
+    """function_app imported with settings pointing at Azurite and the tiny model (the blob
+    trigger's tests; one import per module)."""
+    env = {
+        "STORAGE": azurite,
+        "PTD_MODEL_SOURCE": "local",
+        "PTD_MODEL_DIR": str(tiny_artifacts_dir),
+    }
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    sys.modules.pop("function_app", None)
+    from detector.config import Settings
+    from detector.store import blob_service_client, clear_shared_artifacts
+
+    clear_shared_artifacts()
+    try:
+        module = importlib.import_module("function_app")
+        # get_functions() validates names and may run once per app: index once, keep the result.
+        module.indexed = {f.get_function_name(): f for f in module.app.get_functions()}  # type: ignore[attr-defined]
+        service = blob_service_client(Settings())
+        for name in ("batch-in", "batch-out"):
+            if not service.get_container_client(name).exists():
+                service.create_container(name)
+        yield module
+    finally:
+        sys.modules.pop("function_app", None)
+        clear_shared_artifacts()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -81,11 +81,6 @@ def steg() -> tuple[pd.DataFrame, pd.DataFrame]:
     return make_steg(40, seed=7)
 
 
-@pytest.fixture
-def client(make_client: Callable[..., TestClient]) -> TestClient:
-    return make_client()
-
-
 def history_body(
     invoices: pd.DataFrame, clients: pd.DataFrame, client_id: str, with_client: bool = True
 ) -> dict[str, Any]:
@@ -99,6 +94,14 @@ def history_body(
             "disrict": int(attrs["disrict"]),
             "client_catg": int(attrs["client_catg"]),
         }
+    return body
+
+
+def a_history(steg: tuple[pd.DataFrame, pd.DataFrame], k: int = 0) -> dict[str, Any]:
+    """The raw-history body of the k-th client of a make_steg pair (at least two invoices)."""
+    clients, invoices = steg
+    body = history_body(invoices, clients, clients["client_id"].iloc[k])
+    assert len(body["invoices"]) >= 2
     return body
 
 

@@ -5,9 +5,7 @@ as batch files (`schema.prepare_invoices`); every input is generated here."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import pytest
@@ -20,7 +18,7 @@ from pydantic import TypeAdapter, ValidationError
 from detector.records import PLAUSIBLE_DATE, Invoice
 from detector.schema import DATE_WINDOW, in_window, parse_dates
 from tests.synthetic import make_steg
-from tests.test_api import FEATURES_BODY, assert_error, history_body, post
+from tests.test_api import FEATURES_BODY, a_history, assert_error, post
 
 JSON = {"content-type": "application/json"}
 CASES = Path(__file__).resolve().parent.parent.parent / "shared" / "cases" / "2026-11-30"
@@ -39,18 +37,6 @@ NOT_A_DATE = ("today", "", "31/12/2019", "2015-02-30", "2015-1-1", "20150301", "
 @pytest.fixture(scope="module")
 def steg() -> tuple[pd.DataFrame, pd.DataFrame]:
     return make_steg(12, seed=13)
-
-
-@pytest.fixture
-def client(make_client: Callable[..., TestClient]) -> TestClient:
-    return make_client()
-
-
-def a_history(steg: tuple[pd.DataFrame, pd.DataFrame], k: int = 0) -> dict[str, Any]:
-    clients, invoices = steg
-    body = history_body(invoices, clients, clients["client_id"].iloc[k])
-    assert len(body["invoices"]) >= 2
-    return body
 
 
 # --- class 4: plausible invoice dates ----------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -23,7 +23,7 @@ from detector.limits import BodyBudget, BudgetFull
 from detector.model import ArtifactSet
 from detector.records import score_records
 from tests.synthetic import make_steg
-from tests.test_api import FEATURES_BODY, assert_error, history_body, post
+from tests.test_api import FEATURES_BODY, a_history, assert_error, post
 
 JSON = {"content-type": "application/json"}
 
@@ -31,18 +31,6 @@ JSON = {"content-type": "application/json"}
 @pytest.fixture(scope="module")
 def steg() -> tuple[pd.DataFrame, pd.DataFrame]:
     return make_steg(12, seed=13)
-
-
-@pytest.fixture
-def client(make_client: Callable[..., TestClient]) -> TestClient:
-    return make_client()
-
-
-def a_history(steg: tuple[pd.DataFrame, pd.DataFrame], k: int = 0) -> dict[str, Any]:
-    clients, invoices = steg
-    body = history_body(invoices, clients, clients["client_id"].iloc[k])
-    assert len(body["invoices"]) >= 2
-    return body
 
 
 # --- class 5: bad records cost what good ones do ------------------------------------------------

@@ -22,11 +22,6 @@ from tests.test_api import FEATURES_BODY, assert_error, post
 JSON = {"content-type": "application/json"}
 
 
-@pytest.fixture
-def client(make_client: Callable[..., TestClient]) -> TestClient:
-    return make_client()
-
-
 # --- class 9: HEAD -------------------------------------------------------------------------------
 
 

@@ -9,13 +9,9 @@ from the `STORAGE` setting, so the tests pass exactly the object the real host w
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
-import os
-import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -42,39 +38,6 @@ def invoices() -> pd.DataFrame:
     """Invoice rows with the client attributes as extra columns (a typical export)."""
     clients, rows = make_steg(120, seed=7)
     return rows.merge(clients.drop(columns="target"), on="client_id", how="left")
-
-
-@pytest.fixture(scope="module")
-def app_module(azurite: str, tiny_artifacts_dir: Path) -> Iterator[ModuleType]:
-    """function_app imported with settings pointing at Azurite and the tiny model."""
-    env = {
-        "STORAGE": azurite,
-        "PTD_MODEL_SOURCE": "local",
-        "PTD_MODEL_DIR": str(tiny_artifacts_dir),
-    }
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    sys.modules.pop("function_app", None)
-    from detector.store import blob_service_client, clear_shared_artifacts
-
-    clear_shared_artifacts()
-    try:
-        module = importlib.import_module("function_app")
-        # get_functions() validates names and may run once per app: index once, keep the result.
-        module.indexed = {f.get_function_name(): f for f in module.app.get_functions()}  # type: ignore[attr-defined]
-        service = blob_service_client(Settings())
-        for name in ("batch-in", "batch-out"):
-            if not service.get_container_client(name).exists():
-                service.create_container(name)
-        yield module
-    finally:
-        sys.modules.pop("function_app", None)
-        clear_shared_artifacts()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 class _ModelBindingData:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
-import importlib
 import io
 import json
 import logging
@@ -34,7 +33,7 @@ import sys
 import threading
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -56,38 +55,6 @@ SINGLE_GET = 32 * MiB  # the SDK's max_single_get_size: larger blobs are read in
 
 
 # -- fixtures and helpers -------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def app_module(azurite: str, tiny_artifacts_dir: Path) -> Iterator[ModuleType]:
-    """function_app imported with settings pointing at Azurite and the tiny model."""
-    env = {
-        "STORAGE": azurite,
-        "PTD_MODEL_SOURCE": "local",
-        "PTD_MODEL_DIR": str(tiny_artifacts_dir),
-    }
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    sys.modules.pop("function_app", None)
-    from detector.store import blob_service_client, clear_shared_artifacts
-
-    clear_shared_artifacts()
-    try:
-        module = importlib.import_module("function_app")
-        module.indexed = {f.get_function_name(): f for f in module.app.get_functions()}  # type: ignore[attr-defined]
-        service = blob_service_client(Settings())
-        for name in ("batch-in", "batch-out"):
-            if not service.get_container_client(name).exists():
-                service.create_container(name)
-        yield module
-    finally:
-        sys.modules.pop("function_app", None)
-        clear_shared_artifacts()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 @pytest.fixture(scope="module")
 def invoices() -> pd.DataFrame:
     """A small export: invoice rows with the client attributes as extra columns."""
