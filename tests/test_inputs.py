@@ -51,6 +51,43 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
 
 
+def ptd_score(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`ptd score ARGS` in a fresh process, as a user runs it (stdout and stderr as text)."""
+    return subprocess.run(
+        [sys.executable, "-m", "detector", "score", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def ptd_score_peak(
+    path: Path, out: Path, timeout: float
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    """`ptd score PATH --out OUT` in a fresh process without the app's settings, and that
+    process's peak RSS in MB (VmHWM, printed by the child itself)."""
+    script = (
+        "import sys; from detector.cli import main; "
+        f"rc = main(['score', {str(path)!r}, '--out', {str(out)!r}]); "
+        f"print({PEAK_RSS_KIB}); sys.exit(rc)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=_clean_env(),
+    )
+    printed = done.stdout.strip().splitlines()
+    # NaN when the child died before printing: the caller's returncode check says why first.
+    return done, int(printed[-1]) / 1024 if printed else float("nan")
+
+
 def scored(
     path: Path, artifacts: ArtifactSet, tmp: Path, clients: Path | None = None, **kwargs: object
 ) -> tuple[pd.DataFrame, pd.DataFrame | None, dict[str, object]]:
@@ -311,21 +348,8 @@ def test_one_client_with_millions_of_rows_scores_in_bounded_memory(tmp_path: Pat
     with pq.ParquetWriter(path, table.schema, compression="zstd") as writer:
         for _ in range(6000):
             writer.write_table(table)
-    script = (
-        "import sys; from detector.cli import main; "
-        f"rc = main(['score', {str(path)!r}, '--out', {str(tmp_path / 'r.csv')!r}]); "
-        f"print({PEAK_RSS_KIB}); sys.exit(rc)"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-        env=_clean_env(),
-    )
+    done, peak_mb = ptd_score_peak(path, tmp_path / "r.csv", timeout=600)
     assert done.returncode == 0, done.stderr
-    peak_mb = int(done.stdout.strip().splitlines()[-1]) / 1024
     assert peak_mb < 1024, f"peak RSS {peak_mb:.0f} MB"
     # The rows are identical: past the cap they are over it, under it all but one are duplicates.
     assert (
@@ -405,13 +429,7 @@ def test_unusable_parquet_is_one_line_and_exit_2(
     tmp_path: Path, ids: pa.Array, duplicate: bool, message: str
 ) -> None:
     path = _parquet(tmp_path / "bad.parquet", ids, duplicate)
-    done = subprocess.run(
-        [sys.executable, "-m", "detector", "score", str(path), "--out", str(tmp_path / "r.csv")],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
+    done = ptd_score(str(path), "--out", str(tmp_path / "r.csv"))
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     assert message in done.stderr
@@ -477,12 +495,10 @@ def test_a_gzip_bomb_is_refused_in_one_line(tmp_path: Path) -> None:
         for _ in range(64):  # 64 MiB of zeros, under 100 KB packed
             handle.write(compressor.compress(block))
         handle.write(compressor.flush())
-    done = subprocess.run(
-        [sys.executable, "-m", "detector", "score", str(bomb), "--out", str(tmp_path / "r.csv")],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
+    done = ptd_score(
+        str(bomb),
+        "--out",
+        str(tmp_path / "r.csv"),
         env={**os.environ, "PTD_MAX_DECOMPRESSED_BYTES": str(8 << 20)},
     )
     assert done.returncode == 2, done.stderr
@@ -530,23 +546,10 @@ def test_a_line_past_the_limit_stops_the_read_in_bounded_memory(tmp_path: Path) 
     line = path.read_text().splitlines()[1]
     with path.open("a") as handle:
         handle.write("x" * (64 << 20) + line[line.index(",") :] + "\n")
-    script = (
-        "import sys; from detector.cli import main; "
-        f"rc = main(['score', {str(path)!r}, '--out', {str(tmp_path / 'r.csv')!r}]); "
-        f"print({PEAK_RSS_KIB}); sys.exit(rc)"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-        env=_clean_env(),
-    )
+    done, peak_mb = ptd_score_peak(path, tmp_path / "r.csv", timeout=300)
     assert done.returncode == 2
     assert "long.csv: line 3 is longer than 64 KiB" in done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
-    peak_mb = int(done.stdout.strip().splitlines()[-1]) / 1024
     assert peak_mb < 500, f"peak RSS {peak_mb:.0f} MB"
 
 
@@ -593,13 +596,7 @@ def test_out_never_overwrites_an_input(
         (clients_path, ["--clients", str(clients_path)]),
         (tmp_path / "cl.rejects.csv", []),  # not an input: fine (checked below)
     ):
-        done = subprocess.run(
-            [sys.executable, "-m", "detector", "score", str(path), "--out", str(out), *extra],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=120,
-        )
+        done = ptd_score(str(path), "--out", str(out), *extra)
         if out.name == "cl.rejects.csv":
             assert done.returncode == 0, done.stderr
             continue
@@ -608,21 +605,7 @@ def test_out_never_overwrites_an_input(
     assert (path.read_bytes(), clients_path.read_bytes()) == before
     # --out c.summary.csv would write its summary over an input named c.summary.json
     summary_input = _write(invoices, tmp_path / "s.summary.json")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "detector",
-            "score",
-            str(summary_input),
-            "--out",
-            str(tmp_path / "s.csv"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
+    done = ptd_score(str(summary_input), "--out", str(tmp_path / "s.csv"))
     assert done.returncode == 2 and "s.summary.json: an output" in done.stderr
 
 
@@ -770,11 +753,5 @@ def test_a_folder_or_a_pipe_is_named_for_what_it_is(
         target.mkdir()
     else:
         os.mkfifo(target)
-    done = subprocess.run(
-        [sys.executable, "-m", "detector", "score", str(target), "--out", str(tmp_path / "r.csv")],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
+    done = ptd_score(str(target), "--out", str(tmp_path / "r.csv"), timeout=60)
     assert done.returncode == 2 and message in done.stderr
