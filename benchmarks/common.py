@@ -6,7 +6,6 @@ import json
 import math
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tests.azurite import accepts, free_port
+from tests.azurite import free_port, stop, wait_listening
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO.parent / "shared" / "data" / "steg"
@@ -206,22 +205,10 @@ def server(
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 60
-        while not accepts(port):
-            if process.poll() is not None:
-                raise RuntimeError(f"uvicorn {target} exited with {process.returncode}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"uvicorn {target} did not listen on {port}")
-            time.sleep(0.05)
+        wait_listening(process, port, f"uvicorn {target}")
         yield f"http://127.0.0.1:{port}", process
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+        stop(process)
         if log and not isinstance(handle, int):
             handle.close()
 

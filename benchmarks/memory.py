@@ -32,7 +32,6 @@ import gzip
 import http.client
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -41,6 +40,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from tests.azurite import free_port, stop, wait_listening
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -76,21 +77,11 @@ def reset_peak(pid: int) -> bool:
     return True
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def ptd_serve(
     env: dict[str, str] | None = None, args: tuple[str, ...] = ()
 ) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     """`ptd serve` on 127.0.0.1 and a free port; yields (port, process); stops that process."""
-    import socket
-
     port = free_port()
     process = subprocess.Popen(
         [PY, "-m", "detector", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
@@ -106,26 +97,10 @@ def ptd_serve(
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"ptd serve exited with {process.returncode}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("ptd serve did not listen within 60 s") from None
-                time.sleep(0.05)
+        wait_listening(process, port, "ptd serve")
         yield port, process
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+        stop(process)
 
 
 def post(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -17,6 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 AZURITE_BLOB = REPO / "node_modules" / ".bin" / "azurite-blob"
@@ -62,6 +64,32 @@ def accepts(port: int, host: str = "127.0.0.1") -> bool:
             return True
     except OSError:
         return False
+
+
+def wait_listening(
+    process: subprocess.Popen[Any], port: int, what: str, timeout: float = 60.0
+) -> None:
+    """Return once `process` accepts connections on the loopback `port`; RuntimeError if it
+    exits first or is not listening within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not accepts(port):
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not listen on {port} within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def stop(process: subprocess.Popen[Any]) -> None:
+    """Stop a server we started: SIGTERM (a clean shutdown), SIGKILL if it is still there 15 s
+    later."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
 
 
 @contextmanager
