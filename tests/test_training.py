@@ -176,3 +176,23 @@ def test_served_features_are_the_committed_selection() -> None:
         (Path(__file__).parent.parent / "docs" / "feature_selection.json").read_text()
     )
     assert tuple(report["chosen"]) == FEATURE_NAMES
+
+
+def test_model_card_plots_are_drawn_with_the_version_and_no_date(tmp_path: Path) -> None:
+    """`ptd train --plots`: four SVGs, each titled with the model version in its metadata, and
+    the same bytes when drawn again from the same scores (no date), so a retrain on the same
+    data leaves the card's files unchanged."""
+    from detector.training.plots import FILES, write_plots
+
+    rng = np.random.default_rng(0)
+    holdout = {
+        view: (rng.integers(0, 2, 500).astype(float), rng.random(500))
+        for view in ("full", "cut_12m", "cut_24m")
+    }
+    first = write_plots(tmp_path / "a", "v-plots", "lightgbm", holdout)
+    again = write_plots(tmp_path / "b", "v-plots", "lightgbm", holdout)
+    assert [p.name for p in first] == list(FILES)
+    for one, two in zip(first, again, strict=True):
+        text = one.read_text()
+        assert "model v-plots</dc:title>" in text and "<dc:date>" not in text
+        assert one.read_bytes() == two.read_bytes()

@@ -32,13 +32,23 @@ def _thin(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x[keep], y[keep]
 
 
-def _save(figure: Any, path: Path, title: str, version: str) -> None:
+def _finish(
+    figure: Any, axis: Any, heading: str, legend_at: str, path: Path, what: str, version: str
+) -> Path:
+    """Title and legend on `axis`, then `figure` written to `path` as SVG with `what` and the
+    model version in its title metadata (no date), and closed. Returns `path`."""
+    import matplotlib.pyplot as plt
+
+    axis.set_title(heading)
+    axis.legend(loc=legend_at)
     figure.tight_layout()
     figure.savefig(
         path,
         format="svg",
-        metadata={"Title": f"{title}: model {version}", "Date": None, "Creator": "ptd train"},
+        metadata={"Title": f"{what}: model {version}", "Date": None, "Creator": "ptd train"},
     )
+    plt.close(figure)
+    return path
 
 
 def write_plots(
@@ -66,11 +76,17 @@ def write_plots(
         axis.plot(*_thin(fpr, tpr), label=VIEW_LABELS.get(view, view))
     axis.plot([0, 1], [0, 1], color="grey", linestyle=":", label="random")
     axis.set(xlabel="false positive rate", ylabel="true positive rate (recall)")
-    axis.set_title(f"ROC, held-out clients ({model})")
-    axis.legend(loc="lower right")
-    written.append(out_dir / FILES[0])
-    _save(figure, written[-1], "ROC curves", version)
-    plt.close(figure)
+    written.append(
+        _finish(
+            figure,
+            axis,
+            f"ROC, held-out clients ({model})",
+            "lower right",
+            out_dir / FILES[0],
+            "ROC curves",
+            version,
+        )
+    )
 
     figure, axis = plt.subplots(figsize=(4.6, 4))
     for view, (labels, scores) in holdout.items():
@@ -79,11 +95,17 @@ def write_plots(
     base = float(np.mean(holdout["full"][0]))
     axis.axhline(base, color="grey", linestyle=":", label=f"random ({base:.1%} fraud)")
     axis.set(xlabel="recall (share of the fraud found)", ylabel="precision (fraud per visit)")
-    axis.set_title(f"Precision-recall, held-out clients ({model})")
-    axis.legend(loc="upper right")
-    written.append(out_dir / FILES[1])
-    _save(figure, written[-1], "Precision-recall curves", version)
-    plt.close(figure)
+    written.append(
+        _finish(
+            figure,
+            axis,
+            f"Precision-recall, held-out clients ({model})",
+            "upper right",
+            out_dir / FILES[1],
+            "Precision-recall curves",
+            version,
+        )
+    )
 
     labels, scores = holdout["full"]
     figure, axis = plt.subplots(figsize=(4.6, 4))
@@ -100,11 +122,17 @@ def write_plots(
     )
     axis.plot(predicted, observed, marker="o", label="deciles of the score")
     axis.set(xlabel="mean predicted probability", ylabel="observed fraud rate")
-    axis.set_title(f"Calibration, full histories ({model})")
-    axis.legend(loc="upper left")
-    written.append(out_dir / FILES[2])
-    _save(figure, written[-1], "Calibration curve", version)
-    plt.close(figure)
+    written.append(
+        _finish(
+            figure,
+            axis,
+            f"Calibration, full histories ({model})",
+            "upper left",
+            out_dir / FILES[2],
+            "Calibration curve",
+            version,
+        )
+    )
 
     figure, axis = plt.subplots(figsize=(4.6, 4))
     for view, (labels, scores) in holdout.items():
@@ -125,9 +153,15 @@ def write_plots(
             arrowprops={"arrowstyle": "-", "color": "grey"},
         )
     axis.set(xlabel="clients inspected, top of the list (%)", ylabel="fraud found (%)")
-    axis.set_title(f"Gains, held-out clients ({model})")
-    axis.legend(loc="lower right")
-    written.append(out_dir / FILES[3])
-    _save(figure, written[-1], "Gains chart", version)
-    plt.close(figure)
+    written.append(
+        _finish(
+            figure,
+            axis,
+            f"Gains, held-out clients ({model})",
+            "lower right",
+            out_dir / FILES[3],
+            "Gains chart",
+            version,
+        )
+    )
     return written
