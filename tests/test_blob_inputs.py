@@ -26,7 +26,6 @@ import gzip
 import hashlib
 import io
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -45,7 +44,7 @@ import pytest
 import detector.blob_batch as blob_batch
 from detector.blob_batch import LONG_NAMES, TransferError, output_prefix
 from detector.config import Settings
-from tests.logs import attached
+from tests.logs import Records, attached
 from tests.synthetic import make_steg
 from tests.test_blob_batch import _csv, _parquet, _results, host_blob_client
 
@@ -118,23 +117,6 @@ def _without_run_details(summary: dict[str, Any]) -> dict[str, Any]:
     volatile |= {"input_content_encoding", "input_decoded_bytes"}
     volatile |= {"input_content_md5_checked", "input_format"}
     return {k: v for k, v in summary.items() if k not in volatile}
-
-
-class Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        found = []
-        for record in self.records:
-            fields = getattr(record, "fields", None)
-            if isinstance(fields, dict) and fields.get("event") == name:
-                found.append(fields)
-        return found
 
 
 # -- class 1: the gzip-encoded export above 32 MiB ------------------------------------------------

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import re
 import signal
@@ -37,20 +36,11 @@ from detector.model import ArtifactSet
 from detector.store import ModelStore, blob_service_client, load_artifacts
 from detector.telemetry import EVENT_MODEL_LOAD_FAILED
 from tests.azurite import DEV_ACCOUNT_KEY, connection_string, free_port
-from tests.logs import attached
+from tests.logs import Records, attached
 from tests.synthetic import make_steg
 
 pytestmark = [pytest.mark.azurite, pytest.mark.xdist_group("azurite")]
 REPO = Path(__file__).resolve().parent.parent
-
-
-class Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
 
 
 @pytest.fixture
