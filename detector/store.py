@@ -468,22 +468,25 @@ class ModelStore:
         manifest_bytes = (artifacts_dir / MANIFEST).read_bytes()
         digest = sha256_bytes(manifest_bytes)
         self._ensure_container()
+        activating = activate or (activate_if_none and self.current() is None)
         manifest_name = f"{version}/{MANIFEST}"
         if self._exists(manifest_name):
             self._same_manifest(version, manifest_bytes)
             # "Already published" must mean "stored intact": a file damaged or deleted behind
             # the store would otherwise pass for a successful publish (files are never
             # rewritten under a published manifest, so the publish cannot repair it).
-            try:
-                self.verify(version)
-            except ModelError as exc:
-                raise ModelError(
-                    f"model version {version!r} is already published with this manifest, but "
-                    f"the stored copy fails its check: {exc}; a published version is never "
-                    "rewritten: restore the blob from its earlier version (RUNBOOKS) or publish "
-                    "a retrained set"
-                ) from None
-            log.info("model version %s is already published, stored copy verified", version)
+            # Activation below verifies the stored copy itself: not downloaded twice.
+            if not activating:
+                try:
+                    self.verify(version)
+                except ModelError as exc:
+                    raise ModelError(
+                        f"model version {version!r} is already published with this manifest, "
+                        f"but the stored copy fails its check: {exc}; a published version is "
+                        "never rewritten: restore the blob from its earlier version (RUNBOOKS) "
+                        "or publish a retrained set"
+                    ) from None
+            log.info("model version %s is already published", version)
         else:
             with self._publish_lock(version) as renew:
                 if self._exists(manifest_name):  # published by someone else meanwhile
@@ -510,7 +513,7 @@ class ModelStore:
                         ) from None
                     log.info("published model version %s", version)
                     self._audit("published", version, None, actor)
-        if activate or (activate_if_none and self.current() is None):
+        if activating:
             self.activate(version, actor=actor)
         return version
 

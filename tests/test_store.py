@@ -248,6 +248,10 @@ def test_publish_is_idempotent_and_versions_are_immutable(
     store.container.delete_blob(f"{first}/{name}")
     with pytest.raises(ModelError, match="stored copy fails its check"):
         store.publish(tiny_artifacts_dir)
+    # Publishing with --activate: the activation's own verification refuses it.
+    with pytest.raises(ModelError, match=rf"model version '{first}' not activated: .*{name}"):
+        store.publish(tiny_artifacts_dir, activate=True)
+    assert store.current() is None
 
 
 def test_rollback_moves_the_pointer_back(
