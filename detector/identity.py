@@ -199,7 +199,7 @@ class PrincipalReader:
                 principal_id = value.decode("latin-1")
         if encoded is None:
             return None, "no principal header (no token, or the platform did not verify one)"
-        if len(encoded) > MAX_PRINCIPAL_BYTES:
+        if len(encoded) > MAX_PRINCIPAL_BYTES:  # before the cache: never a key of that size
             return None, TOO_LARGE
         if principal_id is not None and not _ID.fullmatch(principal_id):
             principal_id = None  # never an id; also keeps the cache key small
