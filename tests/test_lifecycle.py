@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import tracemalloc
 import uuid
 import zipfile
@@ -489,6 +490,48 @@ def test_an_npz_that_inflates_past_its_header_reads_only_what_it_declares(
     finally:
         tracemalloc.stop()
     assert arrays["value"].shape == (4,) and peak < 16 * 1024 * 1024
+
+
+def test_npy_headers_are_never_parsed_by_two_threads_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """numpy parses headers with `ast.literal_eval`, which CPython < 3.13 cannot run in two
+    threads at once (python/cpython#106905: a CI run failed on it); concurrent loads, as two
+    publishers or two cold starts make, take turns at the header."""
+    path = tmp_path / "arrays.npz"
+    np.savez(path, a=np.zeros(3), b=np.ones(2))
+    parse = np.lib.format.read_array_header_1_0
+    inside = 0
+    most = 0
+    count_lock = threading.Lock()
+
+    def slow_parse(*args: Any, **kwargs: Any) -> Any:
+        nonlocal inside, most
+        with count_lock:
+            inside += 1
+            most = max(most, inside)
+        time.sleep(0.01)  # long enough that unserialised threads would overlap here
+        try:
+            return parse(*args, **kwargs)
+        finally:
+            with count_lock:
+                inside -= 1
+
+    monkeypatch.setattr(np.lib.format, "read_array_header_1_0", slow_parse)
+    start = threading.Barrier(4)
+    loaded: list[dict[str, np.ndarray]] = []
+
+    def load() -> None:
+        start.wait()
+        loaded.append(load_arrays(path))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(loaded) == 4 and all(list(arrays["b"]) == [1.0, 1.0] for arrays in loaded)
+    assert most == 1
 
 
 def test_pickled_or_structured_members_are_refused(tmp_path: Path) -> None:

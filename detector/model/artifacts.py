@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,13 @@ MAX_ARRAY_BYTES = 256 * 1024 * 1024
 MAX_ARCHIVE_BYTES = 512 * 1024 * 1024
 MAX_ARRAYS = 64
 
+# numpy parses a `.npy` header with `ast.literal_eval`, and CPython before 3.13 keeps the AST
+# constructor's recursion depth per interpreter, not per thread: two threads building ASTs at
+# once can raise "SystemError: AST constructor recursion depth mismatch" (python/cpython#106905;
+# it failed a CI run with two concurrent publishes). Header parsing is microseconds, so
+# serialising it costs nothing measurable.
+_HEADER_LOCK = threading.Lock()
+
 
 def load_arrays(path: Path) -> dict[str, np.ndarray]:
     """The arrays of an `.npz` archive, read within bounds whatever the archive claims.
@@ -183,12 +191,13 @@ def load_arrays(path: Path) -> dict[str, np.ndarray]:
                     raise ModelError(f"{path.name}: unexpected member {name!r}")
                 with archive.open(member) as stream:
                     version = np.lib.format.read_magic(stream)
-                    if version == (1, 0):
-                        header = np.lib.format.read_array_header_1_0(stream, 10_000)
-                    elif version == (2, 0):
-                        header = np.lib.format.read_array_header_2_0(stream, 10_000)
-                    else:
+                    if version not in ((1, 0), (2, 0)):
                         raise ModelError(f"{path.name}: {name}: unknown .npy version {version}")
+                    with _HEADER_LOCK:
+                        if version == (1, 0):
+                            header = np.lib.format.read_array_header_1_0(stream, 10_000)
+                        else:
+                            header = np.lib.format.read_array_header_2_0(stream, 10_000)
                     shape, fortran, dtype = header
                     if dtype.hasobject or dtype.fields is not None or dtype.itemsize == 0:
                         raise ModelError(f"{path.name}: {name}: dtype {dtype} is not a number")
