@@ -309,6 +309,21 @@ def test_placeholder_dates_are_rejected_and_the_client_scored_on_the_rest(
     pd.testing.assert_frame_equal(got, clean)
 
 
+def test_the_handed_sentinel_date_case(tiny_artifacts: ArtifactSet, tmp_path: Path) -> None:
+    """`9999-12-31` (a "no end date" sentinel) was wrapped into 1816; it is a reject, and the
+    client is scored exactly as on its two real invoices."""
+    if not CASES.is_dir():
+        pytest.skip("../shared/cases is not present")
+    case = CASES / "sentinel-date.csv"
+    got, rejects, summary = scored(case, tiny_artifacts, tmp_path)
+    assert rejects is not None and list(rejects["row"]) == [0]
+    assert rejects["reason"].iloc[0].startswith("invalid invoice_date")
+    real = pd.read_csv(case, dtype=str).iloc[1:]
+    clean, _, _ = scored(_write(real, tmp_path / "clean.csv"), tiny_artifacts, tmp_path)
+    pd.testing.assert_frame_equal(got, clean)
+    assert (summary["input_rows"], summary["rows_rejected"], summary["clients_scored"]) == (3, 1, 1)
+
+
 # --- class 5: one client's history is capped in files, streaming stays streaming ---------------
 
 
