@@ -461,6 +461,18 @@ def _write_csv(frame: pd.DataFrame, handle: Any, header: bool) -> None:
     safe.to_csv(handle, header=header, index=False)
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What one `score_file` call was asked for, shared by its stages."""
+
+    artifacts: ArtifactSet
+    model: str  # resolved: a name the artifact set serves
+    with_reasons: bool
+    max_invoices_per_client: int
+    max_decompressed_bytes: int
+    started: float  # time.perf_counter() when the call began
+
+
 def score_file(
     path: Path,
     artifacts: ArtifactSet,
@@ -486,10 +498,16 @@ def score_file(
     Raises InputError when the file cannot be used at all.
     """
 
-    started = time.perf_counter()
+    run = _Run(
+        artifacts,
+        artifacts.resolve(model),
+        with_reasons,
+        max_invoices_per_client,
+        max_decompressed_bytes,
+        started=time.perf_counter(),
+    )
     path, out = Path(path), Path(out)
     rejects_out = Path(rejects_out) if rejects_out else out.with_name(out.stem + ".rejects.csv")
-    name = artifacts.resolve(model)
     inputs = {Path(p).resolve() for p in (path, clients_path) if p is not None}
     for target in (out, rejects_out):
         if target.resolve() in inputs:
@@ -502,19 +520,7 @@ def score_file(
     partial_out = out.with_name(f".{out.name}.partial-{os.getpid()}")
     partial_rejects = rejects_out.with_name(f".{rejects_out.name}.partial-{os.getpid()}")
     try:
-        result = _score_to(
-            path,
-            artifacts,
-            partial_out,
-            partial_rejects,
-            clients_path,
-            name,
-            with_reasons,
-            workdir,
-            max_invoices_per_client,
-            max_decompressed_bytes,
-            started,
-        )
+        result = _score_to(path, clients_path, partial_out, partial_rejects, run, workdir)
         os.replace(partial_out, out)
         if result.rejects_path is not None:
             os.replace(partial_rejects, rejects_out)
@@ -528,40 +534,24 @@ def score_file(
 
 def _score_to(
     path: Path,
-    artifacts: ArtifactSet,
+    clients_path: Path | None,
     out: Path,
     rejects_out: Path,
-    clients_path: Path | None,
-    name: str,
-    with_reasons: bool,
+    run: _Run,
     workdir: Path | None,
-    max_invoices_per_client: int,
-    max_decompressed_bytes: int,
-    started: float,
 ) -> FileResult:
     """`score_file` into the given output paths: gzip inputs decompressed first."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="ptd-score-", dir=workdir) as tmp:
-        plain = _plain(path, Path(tmp), max_decompressed_bytes)
+        plain = _plain(path, Path(tmp), run.max_decompressed_bytes)
         plain_clients = (
-            _plain(Path(clients_path), Path(tmp), max_decompressed_bytes)
+            _plain(Path(clients_path), Path(tmp), run.max_decompressed_bytes)
             if clients_path is not None
             else None
         )
         try:
-            result = _score_plain_file(
-                plain,
-                artifacts,
-                out,
-                rejects_out,
-                plain_clients,
-                name,
-                with_reasons,
-                Path(tmp),
-                max_invoices_per_client,
-                started,
-            )
+            result = _score_plain_file(plain, plain_clients, out, rejects_out, run, Path(tmp))
         except InputError as exc:  # name the file the user gave, not its decompressed copy
             message = str(exc)
             for given, used in ((path, plain), (clients_path, plain_clients)):
@@ -595,15 +585,11 @@ def _plain(path: Path, tmp: Path, max_bytes: int) -> Path:
 
 def _score_plain_file(
     path: Path,
-    artifacts: ArtifactSet,
+    clients_path: Path | None,
     out: Path,
     rejects_out: Path,
-    clients_path: Path | None,
-    name: str,
-    with_reasons: bool,
+    run: _Run,
     tmp: Path,
-    max_invoices_per_client: int,
-    started: float,
 ) -> FileResult:
     """`score_file` once its inputs are plain CSV or Parquet files."""
     source = open_table(path, READ_COLUMNS)
@@ -639,10 +625,10 @@ def _score_plain_file(
         return rejects_handle
 
     with out.open("w", newline="", encoding="utf-8") as results_handle:
-        parts = _write_partitions(source, tmp, n_partitions, max_invoices_per_client)
+        parts = _write_partitions(source, tmp, n_partitions, run.max_invoices_per_client)
         if parts.rows == 0:
             raise InputError(f"{path.name}: the file has no data rows")
-        seconds["read_and_partition"] = time.perf_counter() - started
+        seconds["read_and_partition"] = time.perf_counter() - run.started
         pd.DataFrame(columns=list(RESULT_COLUMNS)).to_csv(results_handle, index=False)
         try:
             if parts.overflow is not None:
@@ -669,7 +655,9 @@ def _score_plain_file(
                 part_clients = clients[client_parts == p] if clients is not None else None
                 seconds["read_and_partition"] += time.perf_counter() - t0
                 for block, block_clients in _client_blocks(table, part_clients):
-                    result = score_frames(block, artifacts, block_clients, name, with_reasons)
+                    result = score_frames(
+                        block, run.artifacts, block_clients, run.model, run.with_reasons
+                    )
                     del block, block_clients
                     t1 = time.perf_counter()
                     _write_csv(result.results, results_handle, header=False)
@@ -691,7 +679,7 @@ def _score_plain_file(
     if rejects_handle is None:
         rejects_out.unlink(missing_ok=True)
     scored = totals["clients_scored"]
-    seconds["total"] = time.perf_counter() - started
+    seconds["total"] = time.perf_counter() - run.started
     summary = {
         "input_kind": "features" if features_table else "invoices",
         "input_format": source.format,
@@ -699,9 +687,9 @@ def _score_plain_file(
         **totals,
         "flagged_rate": round(totals["clients_flagged"] / scored, 5) if scored else 0.0,
         "rows_rejected_by_reason": dict(sorted(by_reason.items())),
-        "model": name,
-        "model_version": artifacts.version,
-        "drift": drift.report(artifacts.drift_references, drift_counts),
+        "model": run.model,
+        "model_version": run.artifacts.version,
+        "drift": drift.report(run.artifacts.drift_references, drift_counts),
         "partitions": n_partitions,
         "seconds": {key: round(value, 3) for key, value in seconds.items()},
     }
