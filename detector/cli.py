@@ -40,6 +40,12 @@ def _score(args: argparse.Namespace) -> int:
     from detector.schema import InputError
 
     settings = Settings.from_env()
+    out = Path(args.out)
+    if out.name in ("", ".", "..") or args.out.endswith(("/", "\\")) or out.is_dir():
+        raise InputError(
+            f"--out {args.out!r}: not a file name (empty, or a folder); give the results file, "
+            "such as results.csv"
+        )
     summary_path = Path(args.out).with_name(Path(args.out).stem + ".summary.json")
     given = [Path(p).resolve() for p in (args.invoices, args.clients) if p]
     if summary_path.resolve() in given:
@@ -79,6 +85,13 @@ def _score(args: argparse.Namespace) -> int:
             f"rejected {summary['rows_rejected']} rows ({reasons}); "
             f"{summary['clients_rejected']} clients not scored; each row with its reason "
             f"in {result.rejects_path}",
+            file=sys.stderr,
+        )
+    if summary.get("csv_dialect", {}).get("mixed_encoding"):
+        print(
+            f"{Path(args.invoices).name} mixes UTF-8 with bytes that are not: read as UTF-8, those "
+            "bytes replaced by U+FFFD (a row whose client_id held them is rejected); re-export "
+            "the file as UTF-8",
             file=sys.stderr,
         )
     drifted = summary.get("drift", {}).get("drifted") or []
@@ -318,6 +331,27 @@ def _snapshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    """A TCP port, 0 (any free port) to 65535 (RFC 793); uvicorn would wrap 99999 silently."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (0 to 65535)")
+    return port
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from detector.serve import DEFAULT_MAX_HEADER_BYTES
 
@@ -328,10 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
     )
-    serve.add_argument("--port", type=int, default=7071, help="port (default 7071)")
+    serve.add_argument("--port", type=_port, default=7071, help="port (default 7071)")
     serve.add_argument(
         "--max-header-bytes",
-        type=int,
+        type=_positive,
         default=DEFAULT_MAX_HEADER_BYTES,
         help="largest request line + headers accepted, in bytes; larger ones get 431 "
         f"(default {DEFAULT_MAX_HEADER_BYTES})",

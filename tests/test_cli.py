@@ -88,6 +88,38 @@ def test_score_errors_are_one_line(
     assert message in _one_line_error(capsys, "score")
 
 
+@pytest.mark.parametrize("out", ["", ".", "..", "/", "folder", "x/"])
+def test_an_out_that_names_no_file_is_one_line(
+    tmp_path: Path,
+    tiny_artifacts_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    out: str,
+) -> None:
+    """`--out .` raised ValueError with a traceback; `--out x/` wrote a file named `x`."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder").mkdir()
+    data = tmp_path / "invoices.csv"
+    make_steg(n_clients=5)[1].to_csv(data, index=False)
+    code = main(["score", str(data), "--out", out, "--model-dir", str(tiny_artifacts_dir)])
+    assert code == 2
+    assert f"--out {out!r}: not a file name" in _one_line_error(capsys, "score")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--port", "99999"), ("--port", "-1"), ("--max-header-bytes", "0")]
+)
+def test_serve_refuses_impossible_numbers(
+    capsys: pytest.CaptureFixture[str], flag: str, value: str
+) -> None:
+    """uvicorn took port 99999 as 34463 (modulo 65536), silently."""
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", flag, value])
+    assert exited.value.code == 2
+    assert f"argument {flag}: {value}" in capsys.readouterr().err
+
+
 def test_score_with_a_broken_model_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["score", "x.csv", "--out", "o.csv", "--model-dir", str(tmp_path / "nope")])
     assert code == 2
