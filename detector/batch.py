@@ -28,11 +28,13 @@ from detector.schema import (
     INVOICE_COLUMNS,
     LONG_ID,
     REQUIRED_INVOICE_COLUMNS,
+    UNDECODABLE_ID,
     InputError,
     Rejects,
     long_ids,
     prepare_clients,
     prepare_invoices,
+    undecodable_ids,
 )
 from detector.tables import TableSource, iter_chunks, open_table, read_table, spreadsheet_safe
 
@@ -124,6 +126,7 @@ def _features_from_table(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFram
     reasons = pd.Series("", index=table.index, dtype=object)
     reasons[ids.isna() | (ids == "")] = "missing client_id"
     reasons[long_ids(ids) & (reasons == "")] = LONG_ID
+    reasons[undecodable_ids(ids) & (reasons == "")] = UNDECODABLE_ID
     values = {}
     for spec in FEATURES:
         column = pd.to_numeric(table[spec.name], errors="coerce").astype(np.float64)
@@ -697,6 +700,8 @@ def _score_plain_file(
         summary["csv_dialect"] = {
             "separator": source.separator,
             "encoding": "utf-8" if source.encoding == "utf-8-sig" else source.encoding,
+            # UTF-8 with some bytes that were not: those replaced by U+FFFD (tables._encoding)
+            "mixed_encoding": source.encoding_errors == "replace",
         }
     return FileResult(summary, out, rejects_out if rejects_handle is not None else None)
 

@@ -56,6 +56,13 @@ MAX_CODE = 10**15
 # A client id is a key, not text: the API refuses longer ones (records.Id), files reject them.
 MAX_ID_CHARS = 128
 LONG_ID = f"invalid client_id: longer than {MAX_ID_CHARS} characters"
+# U+FFFD is what a decoder writes for bytes it cannot read (and what `tables` writes for a
+# file that mixes UTF-8 with another encoding): two different ids can become one, so an id
+# holding it is never trusted as a key.
+UNDECODABLE_ID = (
+    "invalid client_id: holds U+FFFD, bytes that were not valid text (the file mixes "
+    "encodings: re-export it as UTF-8)"
+)
 COUNTER_TYPES = ("ELEC", "GAZ")
 # Plausible dates. Exports write placeholders such as 0001-01-01, 1000-01-01, 1900-01-01 or
 # 9999-12-31 for "unknown"; no electricity or gas bill of a living customer is dated before
@@ -178,6 +185,11 @@ def long_ids(ids: pd.Series) -> np.ndarray:
     return (ids.str.len() > MAX_ID_CHARS).fillna(False).to_numpy(dtype=bool)
 
 
+def undecodable_ids(ids: pd.Series) -> np.ndarray:
+    """Rows whose id holds U+FFFD (the replacement character): rejected with UNDECODABLE_ID."""
+    return ids.str.contains("\ufffd", regex=False).fillna(False).to_numpy(dtype=bool)
+
+
 def _numbers(series: pd.Series) -> np.ndarray:
     """Float64 values; anything non-numeric becomes NaN (then rejected by the caller)."""
     import pandas as pd
@@ -297,6 +309,7 @@ def prepare_invoices(raw: pd.DataFrame, row_offset: int = 0) -> PreparedInvoices
     client_id, bad_id = _client_ids(raw["client_id"])
     reject(bad_id, "missing client_id")
     reject(long_ids(client_id), LONG_ID)
+    reject(undecodable_ids(client_id), UNDECODABLE_ID)
     invoice_day = parse_dates(raw["invoice_date"])
     reject(np.isnan(invoice_day), "invalid invoice_date: expected yyyy-mm-dd")
     reject(~in_window(invoice_day), f"invalid invoice_date: outside {DATE_WINDOW}")
@@ -371,6 +384,7 @@ def prepare_clients(raw: pd.DataFrame | None) -> PreparedClients:
     reasons = np.full(n, "", dtype=object)
     reasons[bad_id] = "missing client_id"
     reasons[long_ids(client_id) & (reasons == "")] = LONG_ID
+    reasons[undecodable_ids(client_id) & (reasons == "")] = UNDECODABLE_ID
     codes = {}
     for column in ("disrict", "region", "client_catg"):
         values = _numbers(raw[column]).copy() if column in raw.columns else np.full(n, np.nan)

@@ -63,6 +63,7 @@ class TableSource:
     raw_columns: tuple[str, ...]
     separator: str = ","
     encoding: str = "utf-8-sig"
+    encoding_errors: str = "strict"  # "replace" for a file mixing UTF-8 and other bytes
     renames: dict[str, str] = field(default_factory=dict)  # raw name -> schema name
 
     @property
@@ -106,28 +107,46 @@ def file_format(path: Path) -> str:
     return "csv"
 
 
-def _encoding(path: Path) -> str:
-    """UTF-8 (a byte-order mark is skipped) unless the text is not UTF-8: then Windows-1252,
-    what Excel writes on a Western-European Windows. The whole file is checked, not a sample:
-    an export's first accented name may come after a million ASCII rows. ASCII blocks (nearly
-    all of an export) are passed by `bytes.isascii` at memory speed; others go through an
-    incremental decoder, so a character split between blocks is still UTF-8."""
+def _encoding(path: Path) -> tuple[str, str]:
+    """The file's text encoding and how to treat bytes it cannot decode (`encoding_errors`).
+
+    UTF-8 (a byte-order mark is skipped) when every byte decodes. Windows-1252, what Excel
+    writes on a Western-European Windows, when some bytes are not UTF-8 and no character
+    beyond ASCII is valid UTF-8. A file with both (rows appended by another system) is mixed:
+    read as UTF-8 with undecodable bytes replaced by U+FFFD, so the UTF-8 rows keep their ids
+    and a row whose id held such bytes is rejected (`schema.UNDECODABLE_ID`); decoding all of
+    it as Windows-1252 had silently turned every `é` into `Ã©`, so the ids no longer joined.
+    The whole file is checked, not a sample: an export's first accented name may come after a
+    million ASCII rows. ASCII blocks (nearly all of an export) are passed by `bytes.isascii` at
+    memory speed; others go through an incremental decoder, so a character split between
+    blocks is still one character.
+    """
     import codecs
 
-    decoder = codecs.getincrementaldecoder("utf-8")()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    invalid = valid = False
     with path.open("rb") as handle:
-        while block := handle.read(ENCODING_BLOCK):
+        while True:
+            block = handle.read(ENCODING_BLOCK)
             if block.isascii() and not decoder.getstate()[0]:
+                if not block:
+                    break
                 continue
-            try:
-                decoder.decode(block)
-            except UnicodeDecodeError:
-                return "cp1252"
-    try:
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        return "cp1252"
-    return "utf-8-sig"
+            text = decoder.decode(block, final=not block)
+            # A U+FFFD written in the file is a character, not an error.
+            written = block.count("\ufffd".encode())
+            invalid = invalid or text.count("\ufffd") > written
+            valid = valid or _NON_ASCII.search(text) is not None or written > 0
+            if invalid and valid:
+                return "utf-8-sig", "replace"
+            if not block:
+                break
+    if not invalid:
+        return "utf-8-sig", "strict"
+    return "cp1252", "strict"
+
+
+_NON_ASCII = re.compile("[^\x00-\x7f\ufffd]")
 
 
 def _header_line(path: Path, encoding: str) -> str:
@@ -220,7 +239,7 @@ def open_table(path: Path, known: Iterable[str]) -> TableSource:
         renames = _renames(path, raw, known)
         _check_parquet_types(path, schema, renames)
         return TableSource(path, fmt, tuple(raw), renames=renames)
-    encoding = _encoding(path)
+    encoding, errors = _encoding(path)
     header = _header_line(path, encoding).lstrip("\ufeff")
     if not header.strip():
         raise InputError(f"{path.name}: the first line is empty; expected a header row")
@@ -230,7 +249,7 @@ def open_table(path: Path, known: Iterable[str]) -> TableSource:
     if duplicated:
         raise InputError(f"{path.name}: column name(s) used twice: {', '.join(duplicated)}")
     renames = _renames(path, raw, known)
-    return TableSource(path, fmt, tuple(raw), separator, encoding, renames)
+    return TableSource(path, fmt, tuple(raw), separator, encoding, errors, renames)
 
 
 def unreadable(path: Path, fmt: str, exc: BaseException) -> InputError:
@@ -258,6 +277,7 @@ def csv_options(source: TableSource, usecols: list[str] | None = None) -> dict[s
     options: dict[str, Any] = {
         "sep": source.separator,
         "encoding": source.encoding,
+        "encoding_errors": source.encoding_errors,
         "dtype": {raw: "string" for raw in source.raw_names(("client_id", "counter_statue"))},
         "low_memory": False,
         "keep_default_na": False,

@@ -21,7 +21,7 @@ import pytest
 
 from detector.batch import score_file
 from detector.model import ArtifactSet
-from detector.schema import InputError
+from detector.schema import UNDECODABLE_ID, InputError
 from detector.tables import FORMULA_START, spreadsheet_safe
 from tests.synthetic import make_steg
 
@@ -196,11 +196,56 @@ def test_utf8_split_between_read_blocks_is_still_utf8(
     text = "client_id\n" + "a" * 3 + "é" + "\n"  # é: bytes 13 and 14, blocks 7..13 and 14..20
     path = tmp_path / "split.csv"
     path.write_bytes(text.encode("utf-8"))
-    assert tables._encoding(path) == "utf-8-sig"
+    assert tables._encoding(path) == ("utf-8-sig", "strict")
     path.write_bytes(text.encode("utf-8")[:-2])  # ends inside the character: not UTF-8
-    assert tables._encoding(path) == "cp1252"
+    assert tables._encoding(path) == ("cp1252", "strict")
     path.write_bytes(("a" * 40 + "é").encode("cp1252"))
-    assert tables._encoding(path) == "cp1252"
+    assert tables._encoding(path) == ("cp1252", "strict")
+
+
+def test_how_each_mix_of_bytes_is_decoded(tmp_path: Path) -> None:
+    from detector import tables
+
+    path = tmp_path / "x.csv"
+    cases = [
+        ("client_id\nc-é\n".encode(), ("utf-8-sig", "strict")),
+        ("client_id\nc-é\n".encode("cp1252"), ("cp1252", "strict")),
+        # A U+FFFD written in the file is text, not a sign of bytes gone wrong.
+        ("client_id\nc-\ufffd\n".encode(), ("utf-8-sig", "strict")),
+        # UTF-8 rows, then one row from a Windows-1252 system: mixed.
+        ("client_id\nc-é\n".encode() + "d-é\n".encode("cp1252"), ("utf-8-sig", "replace")),
+        ("client_id\nd-é\n".encode("cp1252") + "c-é\n".encode(), ("utf-8-sig", "replace")),
+    ]
+    for data, expected in cases:
+        path.write_bytes(data)
+        assert tables._encoding(path) == expected, data
+
+
+def test_a_file_mixing_utf8_and_windows_1252_keeps_its_utf8_ids(
+    export: tuple[pd.DataFrame, pd.DataFrame], tiny_artifacts: ArtifactSet, tmp_path: Path
+) -> None:
+    """A UTF-8 export with one row appended by a Windows-1252 system was decoded whole as
+    Windows-1252: every `é` became `Ã©`, no id joined the (UTF-8) clients file, and exit 0.
+    Now the UTF-8 rows score as in the clean file and the odd row is a reject."""
+    clients, invoices = export
+    accented = {c: f"cé-{c}" for c in invoices["client_id"].unique()}
+    invoices = invoices.assign(client_id=invoices["client_id"].map(accented))
+    clients = clients.assign(client_id=clients["client_id"].map(accented))
+    clients_path = _write(clients, tmp_path / "clients.csv")
+    clean = _write(invoices, tmp_path / "clean.csv")
+    expected, _, _ = scored(clean, tiny_artifacts, tmp_path, clients_path)
+    odd = invoices.head(1).assign(client_id="zé-1").to_csv(index=False, header=False)
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_bytes(clean.read_bytes() + odd.encode("cp1252"))
+    got, rejects, summary = scored(mixed, tiny_artifacts, tmp_path, clients_path)
+    pd.testing.assert_frame_equal(got, expected)
+    assert rejects is not None
+    assert list(rejects["row"]) == [len(invoices)]
+    assert list(rejects["client_id"]) == ["z\ufffd-1"]
+    assert rejects["reason"].iloc[0] == UNDECODABLE_ID
+    assert summary["csv_dialect"] == {"separator": ",", "encoding": "utf-8", "mixed_encoding": True}
+    _, _, clean_summary = scored(clean, tiny_artifacts, tmp_path)
+    assert clean_summary["csv_dialect"]["mixed_encoding"] is False
 
 
 def test_the_handed_dialect_cases_score_like_their_clean_form(
@@ -456,7 +501,11 @@ def test_summary_says_how_a_csv_was_read(
     _, invoices = export
     path = _write(invoices, tmp_path / "x.csv", sep="|")
     _, _, summary = scored(path, tiny_artifacts, tmp_path)
-    assert summary["csv_dialect"] == {"separator": "|", "encoding": "utf-8"}
+    assert summary["csv_dialect"] == {
+        "separator": "|",
+        "encoding": "utf-8",
+        "mixed_encoding": False,
+    }
     assert json.dumps(summary)  # JSON-ready, as summary.json
     assert np.isfinite(summary["flagged_rate"])
 
