@@ -11,12 +11,19 @@ requests. Scenarios, each body as large as `PTD_MAX_BODY_BYTES` allows:
 
     valid_histories    raw invoice histories of real STEG clients (synthetic without the data)
     valid_features     10,000 feature records (the records limit), as large as it gets
-    empty_invoices     records of 2,000 empty invoice objects `{}` (the case of issue 13)
-    one_key_invoices   records of 2,000 `{"a":0}`: the most memory per body byte found
+    empty_invoices     records of 2,000 empty invoice objects `{}` (the case of issue 13):
+                       more objects than bytes allow, refused before parsing (400)
+    one_key_invoices   records of 2,000 `{"a":0}`: 22 bytes of memory per body byte when parsed;
+                       refused before parsing (400)
+    short_strings      `{"records": ["a", "b", ..., "aaa", ...]}`: distinct strings of 1 to 5
+                       characters, the most memory per body byte found among bodies with few
+                       enough objects to be parsed (then 413: too many records)
+    small_dicts        records of `{"a":"x1","b":"x2","c":"x3"}` with distinct values, one
+                       object per 32 bytes: the densest objects parsed
     unknown_keys       one record whose `features` has hundreds of thousands of unknown keys
     gzip_bomb          a gzip body of a few kB that inflates past the limit (refused, 413)
-    concurrent_hostile `--concurrency` one_key_invoices bodies at once
-    budget_filled_hostile  `--concurrency` one_key_invoices bodies that together fill
+    concurrent_hostile `--concurrency` short_strings bodies at once
+    budget_filled_hostile  `--concurrency` short_strings bodies that together fill
                        `PTD_MAX_INFLIGHT_BODY_BYTES`: all in work at once, the budget's worst
     concurrent_valid   `--concurrency` valid_histories bodies at once
 
@@ -159,6 +166,48 @@ def hostile_body(item: str, limit: int, per_record: int = 2_000, records: int = 
     return ('{"records":[' + ",".join([record] * n) + "]}").encode()
 
 
+def short_text(k: int) -> str:
+    """The k-th of all strings of ASCII letters, shortest first ("a", ..., "Z", "aa", ...)."""
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    text = letters[k % 52]
+    k //= 52
+    while k:
+        k -= 1
+        text += letters[k % 52]
+        k //= 52
+    return text
+
+
+def filled(item: Any, limit: int, head: str = '{"records":[', tail: str = "]}") -> bytes:
+    """`head` + items `item(0)`, `item(1)`, ... joined by commas + `tail`, within `limit` bytes."""
+    parts: list[str] = []
+    size = len(head) + len(tail)
+    k = 0
+    while True:
+        part = item(k)
+        if size + len(part) + 1 > limit:
+            break
+        parts.append(part)
+        size += len(part) + 1
+        k += 1
+    return (head + ",".join(parts) + tail).encode()
+
+
+def short_strings_body(limit: int) -> bytes:
+    """`{"records": [...]}` of distinct short strings: no objects, the most memory per byte."""
+    return filled(lambda k: f'"{short_text(k)}"', limit)
+
+
+def small_dicts_body(limit: int) -> bytes:
+    """Records of three distinct short strings each, one object per 32 bytes or so."""
+
+    def record(k: int) -> str:
+        a, b, c = (short_text(3 * k + j) for j in range(3))
+        return f'{{"a":"{a}","b":"{b}","c":"{c}"}}'
+
+    return filled(record, limit)
+
+
 def unknown_keys_body(limit: int) -> bytes:
     """One predict body whose `features` holds distinct unknown keys up to `limit` bytes."""
     head, tail = '{"customer_id":"x","features":{', "}}"
@@ -259,9 +308,11 @@ def run(
         "one_key_invoices": lambda: [hostile_body('{"a":0}', max_body)],
         "unknown_keys": lambda: [unknown_keys_body(max_body)],
         "gzip_bomb": lambda: [gzip_bomb(max_body)],
-        "concurrent_hostile": lambda: [hostile_body('{"a":0}', max_body)] * concurrency,
+        "short_strings": lambda: [short_strings_body(max_body)],
+        "small_dicts": lambda: [small_dicts_body(max_body)],
+        "concurrent_hostile": lambda: [short_strings_body(max_body)] * concurrency,
         "budget_filled_hostile": lambda: (
-            [hostile_body('{"a":0}', inflight // concurrency)] * concurrency
+            [short_strings_body(inflight // concurrency)] * concurrency
         ),
         "concurrent_valid": lambda: [histories_body(max_body)[0]] * concurrency,
     }

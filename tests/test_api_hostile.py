@@ -23,7 +23,7 @@ from detector.limits import BodyBudget, BudgetFull
 from detector.model import ArtifactSet
 from detector.records import score_records
 from tests.synthetic import make_steg
-from tests.test_api import FEATURES_BODY, a_history, assert_error, post
+from tests.test_api import FEATURES_BODY, a_history, assert_error, history_body, post
 
 JSON = {"content-type": "application/json"}
 
@@ -211,3 +211,60 @@ def test_a_full_budget_answers_503_json_with_retry_after(tiny_artifacts: Artifac
     assert refused.headers["retry-after"] == "5"
     assert "20000" in refused.json()["error"]["message"]
     assert done.status_code == 200 and again.status_code == 200
+
+
+# --- objects per byte: refused before parsing ---------------------------------------------------
+
+
+def test_a_body_of_tiny_objects_is_refused_before_it_is_parsed(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records of `{"":0}` cost 31 to 40 bytes of memory per body byte once parsed; more objects
+    than the bytes allow are a 400 and the parser never runs."""
+    import pydantic_core
+
+    import detector.api as api
+
+    parsed: list[int] = []
+    real = pydantic_core.from_json
+
+    def counting(data: Any, **kwargs: Any) -> Any:
+        parsed.append(len(data))
+        return real(data, **kwargs)
+
+    monkeypatch.setattr(pydantic_core, "from_json", counting)
+    body = '{"records":[' + ",".join(['{"":0}'] * 20_000) + "]}"
+    response = client.post("/api/predict_batch", content=body, headers=JSON)
+    assert_error(response, 400, "body", "too_many_objects")
+    assert "20,002 JSON objects or arrays" in response.json()["error"]["message"]
+    assert parsed == []
+    # At the edge: exactly as many as allowed is parsed (and then judged on its content).
+    size = len(body)
+    allowed = api.FREE_CONTAINERS + size // api.BYTES_PER_CONTAINER
+    fits = '{"records":[' + ",".join(['{"":0}'] * (allowed - 1)) + "]}"
+    fits += " " * (api.BYTES_PER_CONTAINER * allowed)  # whitespace: bytes, no objects
+    response = client.post("/api/predict_batch", content=fits, headers=JSON)
+    assert response.status_code != 400 or response.json()["error"]["code"] != "too_many_objects"
+    assert parsed
+
+
+def test_real_histories_are_far_from_the_objects_limit(
+    client: TestClient, steg: tuple[pd.DataFrame, pd.DataFrame]
+) -> None:
+    """The densest real body: records of invoices with only their required fields, compact."""
+    import detector.api as api
+    from detector.schema import REQUIRED_INVOICE_COLUMNS
+
+    required = [c for c in REQUIRED_INVOICE_COLUMNS if c != "client_id"]
+    records = []
+    clients, invoices = steg
+    for client_id in clients["client_id"]:
+        history = history_body(invoices, clients, client_id)
+        history["invoices"] = [{key: row[key] for key in required} for row in history["invoices"]]
+        records.append(history)
+    body = json.dumps({"records": records * 50}, separators=(",", ":")).encode()
+    containers = body.count(b"{") + body.count(b"[")
+    assert len(body) / containers > 3 * api.BYTES_PER_CONTAINER
+    response = client.post("/api/predict_batch", content=body, headers=JSON)
+    assert response.status_code == 200, response.text
+    assert response.json()["failed"] == 0

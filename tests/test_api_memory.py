@@ -22,6 +22,8 @@ from benchmarks.memory import (
     ptd_serve,
     reset_peak,
     rss,
+    short_strings_body,
+    small_dicts_body,
 )
 
 MIB = 1024 * 1024
@@ -59,16 +61,24 @@ def test_a_hostile_batch_costs_about_what_a_good_one_does(server: tuple[int, int
     cost(server, [good])  # once to settle the allocator
     statuses, good_seconds, good_growth = cost(server, [good])
     assert statuses == [200]
-    for item in ("{}", '{"a":0}', "0", "[]"):
-        hostile = hostile_body(item, len(good))
-        assert len(good) - 20_000 < len(hostile) <= len(good)
-        statuses, seconds, growth = cost(server, [hostile])
-        assert statuses == [200], item
-        assert seconds < 3 * good_seconds + 1.0, (item, seconds, good_seconds)
-        assert growth < 4 * good_growth + 48 * MIB, (item, growth, good_growth)
-    # And every hostile record was answered with its own error, not a silent pass.
+    hostile = [
+        (hostile_body("0", len(good)), 200),  # parsed: every record its own error
+        (short_strings_body(len(good)), 413),  # parsed, the densest shape left: too many records
+        (small_dicts_body(len(good)), 413),
+        (hostile_body("{}", len(good)), 400),  # refused unparsed: too many objects
+        (hostile_body('{"a":0}', len(good)), 400),
+        (hostile_body("[]", len(good)), 400),
+    ]
+    for body, status in hostile:
+        assert len(good) - 20_000 < len(body) <= len(good)
+        statuses, seconds, growth = cost(server, [body])
+        assert statuses == [status], body[:80]
+        assert seconds < 3 * good_seconds + 1.0, (body[:80], seconds, good_seconds)
+        assert growth < 3 * good_growth + 32 * MIB, (body[:80], growth, good_growth)
+    # Records of empty invoice objects, in a body small enough to be parsed: each is answered
+    # with its own error, not a silent pass.
     port, _ = server
-    _, _, content, _ = post(port, "/api/predict_batch", hostile_body("{}", 200_000))
+    _, _, content, _ = post(port, "/api/predict_batch", hostile_body("{}", 10_000))
     body = json.loads(content)
     assert body["scored"] == 0 and body["failed"] == len(body["results"]) > 0
     assert {r["error"]["code"] for r in body["results"]} == {"missing_field"}
@@ -77,8 +87,8 @@ def test_a_hostile_batch_costs_about_what_a_good_one_does(server: tuple[int, int
 def test_concurrent_worst_bodies_stay_within_the_budget(server: tuple[int, int]) -> None:
     """Six bodies of the largest size at once: with a budget of one body in work they are
     worked on one after the other, so the peak is about one body's, not six."""
-    body = hostile_body('{"a":0}', LIMIT)
+    body = short_strings_body(LIMIT)  # the most memory per byte among bodies that are parsed
     _, _, single = cost(server, [body])
     statuses, _, together = cost(server, [body] * 6)
-    assert statuses == [200] * 6
+    assert statuses == [413] * 6
     assert together < 1.5 * single + 32 * MIB, (together, single)
