@@ -110,6 +110,8 @@ def file_format(path: Path) -> str:
 def _encoding(path: Path) -> tuple[str, str]:
     """The file's text encoding and how to treat bytes it cannot decode (`encoding_errors`).
 
+    UTF-16 when the file starts with a UTF-16 byte-order mark (Excel's "Unicode Text", which is
+    tab-separated). Otherwise:
     UTF-8 (a byte-order mark is skipped) when every byte decodes. Windows-1252, what Excel
     writes on a Western-European Windows, when some bytes are not UTF-8 and no character
     beyond ASCII is valid UTF-8. A file with both (rows appended by another system) is mixed:
@@ -123,6 +125,10 @@ def _encoding(path: Path) -> tuple[str, str]:
     """
     import codecs
 
+    with path.open("rb") as handle:
+        if handle.read(2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+            # Excel's "Unicode Text": UTF-16 with a byte-order mark (the codec reads the mark).
+            return "utf-16", "strict"
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     invalid = valid = False
     with path.open("rb") as handle:

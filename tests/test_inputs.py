@@ -120,7 +120,8 @@ STEG_DICTIONARY = {  # the capitalisation of the STEG data dictionary, and space
 
 
 @pytest.mark.parametrize(
-    "dialect", ["semicolon", "tab", "pipe", "bom", "crlf", "headers", "cp1252", "quoted"]
+    "dialect",
+    ["semicolon", "tab", "pipe", "bom", "crlf", "headers", "cp1252", "utf16", "quoted"],
 )
 def test_every_dialect_scores_like_the_clean_csv(
     export: tuple[pd.DataFrame, pd.DataFrame],
@@ -130,7 +131,7 @@ def test_every_dialect_scores_like_the_clean_csv(
 ) -> None:
     _, invoices = export
     invoices = invoices.copy()
-    if dialect == "cp1252":  # what Excel writes on a Western-European Windows
+    if dialect in ("cp1252", "utf16"):  # what Excel writes on a Western-European Windows
         invoices["client_id"] = invoices["client_id"].str.replace("c0", "cé", regex=False)
     clean = _write(invoices, tmp_path / "clean.csv")
     variant = tmp_path / f"{dialect}.csv"
@@ -148,6 +149,8 @@ def test_every_dialect_scores_like_the_clean_csv(
         _write(invoices.rename(columns=STEG_DICTIONARY), variant)
     elif dialect == "cp1252":
         _write(invoices, variant, sep=";", encoding="cp1252", decimal=",")
+    elif dialect == "utf16":  # Excel's "Unicode Text": UTF-16 with a byte-order mark, tabs
+        _write(invoices, variant, sep="\t", encoding="utf-16")
     else:
         _write(invoices, variant, quoting=csv.QUOTE_ALL)
     expected, _, _ = scored(clean, tiny_artifacts, tmp_path)
