@@ -700,8 +700,8 @@ def _score_plain_file(
         summary["csv_dialect"] = {
             "separator": source.separator,
             "encoding": "utf-8" if source.encoding == "utf-8-sig" else source.encoding,
-            # UTF-8 with some bytes that were not: those replaced by U+FFFD (tables._encoding)
-            "mixed_encoding": source.encoding_errors == "replace",
+            # UTF-8 lines and Windows-1252 lines, each read in its own (tables._encoding)
+            "mixed_encoding": source.mixed,
         }
     return FileResult(summary, out, rejects_out if rejects_handle is not None else None)
 

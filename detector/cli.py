@@ -89,9 +89,8 @@ def _score(args: argparse.Namespace) -> int:
         )
     if summary.get("csv_dialect", {}).get("mixed_encoding"):
         print(
-            f"{Path(args.invoices).name} mixes UTF-8 with bytes that are not: read as UTF-8, those "
-            "bytes replaced by U+FFFD (a row whose client_id held them is rejected); re-export "
-            "the file as UTF-8",
+            f"{Path(args.invoices).name} mixes UTF-8 and Windows-1252 lines: each line was read "
+            "in the encoding it is valid in; re-export the file as UTF-8 to be sure of its text",
             file=sys.stderr,
         )
     drifted = summary.get("drift", {}).get("drifted") or []

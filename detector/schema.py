@@ -56,12 +56,12 @@ MAX_CODE = 10**15
 # A client id is a key, not text: the API refuses longer ones (records.Id), files reject them.
 MAX_ID_CHARS = 128
 LONG_ID = f"invalid client_id: longer than {MAX_ID_CHARS} characters"
-# U+FFFD is what a decoder writes for bytes it cannot read (and what `tables` writes for a
-# file that mixes UTF-8 with another encoding): two different ids can become one, so an id
-# holding it is never trusted as a key.
+# U+FFFD is what a decoder writes for bytes it cannot read (upstream, or for the five bytes
+# Windows-1252 leaves unassigned): two different ids can have become one, so an id holding it
+# is never trusted as a key.
 UNDECODABLE_ID = (
-    "invalid client_id: holds U+FFFD, bytes that were not valid text (the file mixes "
-    "encodings: re-export it as UTF-8)"
+    "invalid client_id: holds U+FFFD, the mark of bytes that could not be read as text "
+    "(re-export the file as UTF-8)"
 )
 COUNTER_TYPES = ("ELEC", "GAZ")
 # Plausible dates. Exports write placeholders such as 0001-01-01, 1000-01-01, 1900-01-01 or

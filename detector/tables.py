@@ -63,7 +63,7 @@ class TableSource:
     raw_columns: tuple[str, ...]
     separator: str = ","
     encoding: str = "utf-8-sig"
-    encoding_errors: str = "strict"  # "replace" for a file mixing UTF-8 and other bytes
+    mixed: bool = False  # UTF-8 and Windows-1252 lines: read through `Utf8Lines`
     renames: dict[str, str] = field(default_factory=dict)  # raw name -> schema name
 
     @property
@@ -107,31 +107,39 @@ def file_format(path: Path) -> str:
     return "csv"
 
 
-def _encoding(path: Path) -> tuple[str, str]:
-    """The file's text encoding and how to treat bytes it cannot decode (`encoding_errors`).
+MIXED = "mixed"  # `_encoding`'s answer for a file of UTF-8 lines and Windows-1252 lines
+
+
+def _encoding(path: Path) -> str:
+    """How the file's text is encoded: "utf-16", "utf-8-sig", "cp1252" or MIXED.
 
     UTF-16 when the file starts with a UTF-16 byte-order mark (Excel's "Unicode Text", which is
-    tab-separated). Otherwise:
-    UTF-8 (a byte-order mark is skipped) when every byte decodes. Windows-1252, what Excel
-    writes on a Western-European Windows, when some bytes are not UTF-8 and no character
-    beyond ASCII is valid UTF-8. A file with both (rows appended by another system) is mixed:
-    read as UTF-8 with undecodable bytes replaced by U+FFFD, so the UTF-8 rows keep their ids
-    and a row whose id held such bytes is rejected (`schema.UNDECODABLE_ID`); decoding all of
-    it as Windows-1252 had silently turned every `é` into `Ã©`, so the ids no longer joined.
+    tab-separated). UTF-8 (a UTF-8 byte-order mark is skipped) when every byte decodes.
+    Windows-1252, what Excel writes on a Western-European Windows, when some bytes are not UTF-8
+    and no character beyond ASCII is valid UTF-8. Otherwise the file mixes the two (a UTF-8
+    export with rows appended by a Windows-1252 system; a Windows-1252 file behind a UTF-8
+    byte-order mark; a Windows-1252 file in which `Ã©` or `É` + no-break space happen to form
+    valid UTF-8): `Utf8Lines` then reads each line in the encoding it is valid in. Decoding such
+    a file whole as Windows-1252 had turned every UTF-8 `é` into `Ã©` (no id joined, exit 0),
+    and whole as UTF-8 would lose the Windows-1252 rows.
+
     The whole file is checked, not a sample: an export's first accented name may come after a
     million ASCII rows. ASCII blocks (nearly all of an export) are passed by `bytes.isascii` at
-    memory speed; others go through an incremental decoder, so a character split between
-    blocks is still one character.
+    memory speed; others go through an incremental decoder whose `surrogateescape` handler
+    turns each undecodable byte into a lone surrogate (U+DC80..U+DCFF), which valid UTF-8
+    never decodes to, so a character split between blocks is still one character.
     """
     import codecs
 
-    with path.open("rb") as handle:
-        if handle.read(2) in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
-            # Excel's "Unicode Text": UTF-16 with a byte-order mark (the codec reads the mark).
-            return "utf-16", "strict"
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
     invalid = valid = False
     with path.open("rb") as handle:
+        start = handle.read(3)
+        if start[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+            return "utf-16"  # the codec reads the byte-order mark
+        bom = start == codecs.BOM_UTF8
+        if not bom:
+            handle.seek(0)
         while True:
             block = handle.read(ENCODING_BLOCK)
             if block.isascii() and not decoder.getstate()[0]:
@@ -139,30 +147,95 @@ def _encoding(path: Path) -> tuple[str, str]:
                     break
                 continue
             text = decoder.decode(block, final=not block)
-            # A U+FFFD written in the file is a character, not an error.
-            written = block.count("\ufffd".encode())
-            invalid = invalid or text.count("\ufffd") > written
-            valid = valid or _NON_ASCII.search(text) is not None or written > 0
+            invalid = invalid or _UNDECODABLE.search(text) is not None
+            valid = valid or _UTF8_BEYOND_ASCII.search(text) is not None
             if invalid and valid:
-                return "utf-8-sig", "replace"
+                return MIXED
             if not block:
                 break
     if not invalid:
-        return "utf-8-sig", "strict"
-    return "cp1252", "strict"
+        return "utf-8-sig"
+    return MIXED if bom else "cp1252"
 
 
-_NON_ASCII = re.compile("[^\x00-\x7f\ufffd]")
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+_UTF8_BEYOND_ASCII = re.compile("[^\x00-\x7f\udc80-\udcff]")
 
 
-def _header_line(path: Path, encoding: str) -> str:
+def decode_line(line: bytes) -> str:
+    """One line of a MIXED file: UTF-8 if it is valid UTF-8, else Windows-1252 (its five
+    unassigned bytes become U+FFFD, and an id holding one is rejected)."""
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        return line.decode("cp1252", errors="replace")
+
+
+class Utf8Lines(io.RawIOBase):
+    """A MIXED file as UTF-8: each line (ended by a line feed or a carriage return) passed
+    through when it is valid UTF-8, transcoded from Windows-1252 otherwise (`decode_line`).
+    A block of lines that is valid UTF-8 as a whole is passed through at memory speed.
+    `windows_1252_lines` counts the lines transcoded. Reads from a stream whose lines are
+    bounded (`BoundedLines`), so what it holds is bounded too."""
+
+    def __init__(self, source: Any, block: int = 1 << 18) -> None:
+        super().__init__()
+        self._source, self._block = source, block
+        self._carry = b""  # the start of a line whose end is not read yet
+        self._pending = memoryview(b"")
+        self.windows_1252_lines = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def _transcode(self, lines: bytes) -> bytes:
+        try:
+            lines.decode("utf-8")
+            return lines
+        except UnicodeDecodeError:
+            pass
+        out = []
+        for line in lines.splitlines(keepends=True):
+            try:
+                line.decode("utf-8")
+                out.append(line)
+            except UnicodeDecodeError:
+                out.append(decode_line(line).encode("utf-8"))
+                self.windows_1252_lines += 1
+        return b"".join(out)
+
+    def readinto(self, buffer: Any) -> int:
+        while not len(self._pending):
+            data = self._source.read(self._block)
+            if not data:
+                if not self._carry:
+                    return 0
+                data, self._carry = self._carry, b""
+                self._pending = memoryview(self._transcode(data))
+                break
+            data = self._carry + data
+            cut = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
+            self._carry = data[cut:]
+            if cut:
+                self._pending = memoryview(self._transcode(data[:cut]))
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+
+def _header_line(path: Path, encoding: str, mixed: bool = False) -> str:
     with path.open("rb") as handle:
         raw = handle.read(HEADER_BYTES)
-    text = raw.decode(encoding, errors="replace")
-    end = min((i for i in (text.find("\n"), text.find("\r")) if i >= 0), default=-1)
+    if mixed:  # the header line in the encoding it is valid in, as `Utf8Lines` reads it
+        end = min((i for i in (raw.find(b"\n"), raw.find(b"\r")) if i >= 0), default=-1)
+        text = decode_line(raw if end < 0 else raw[:end])
+    else:
+        text = raw.decode(encoding, errors="replace")
+        end = min((i for i in (text.find("\n"), text.find("\r")) if i >= 0), default=-1)
     if end < 0 and len(raw) == HEADER_BYTES:
         raise InputError(f"{path.name}: no line break in the first 64 KiB; not a CSV header")
-    return text if end < 0 else text[:end]
+    return text if end < 0 or mixed else text[:end]
 
 
 def _separator(header: str) -> str:
@@ -245,8 +318,11 @@ def open_table(path: Path, known: Iterable[str]) -> TableSource:
         renames = _renames(path, raw, known)
         _check_parquet_types(path, schema, renames)
         return TableSource(path, fmt, tuple(raw), renames=renames)
-    encoding, errors = _encoding(path)
-    header = _header_line(path, encoding).lstrip("\ufeff")
+    encoding = _encoding(path)
+    mixed = encoding == MIXED
+    if mixed:
+        encoding = "utf-8-sig"  # what `Utf8Lines` makes of it
+    header = _header_line(path, encoding, mixed).lstrip("\ufeff")
     if not header.strip():
         raise InputError(f"{path.name}: the first line is empty; expected a header row")
     separator = _separator(header)
@@ -255,7 +331,7 @@ def open_table(path: Path, known: Iterable[str]) -> TableSource:
     if duplicated:
         raise InputError(f"{path.name}: column name(s) used twice: {', '.join(duplicated)}")
     renames = _renames(path, raw, known)
-    return TableSource(path, fmt, tuple(raw), separator, encoding, errors, renames)
+    return TableSource(path, fmt, tuple(raw), separator, encoding, mixed, renames)
 
 
 def unreadable(path: Path, fmt: str, exc: BaseException) -> InputError:
@@ -283,7 +359,6 @@ def csv_options(source: TableSource, usecols: list[str] | None = None) -> dict[s
     options: dict[str, Any] = {
         "sep": source.separator,
         "encoding": source.encoding,
-        "encoding_errors": source.encoding_errors,
         "dtype": {raw: "string" for raw in source.raw_names(("client_id", "counter_statue"))},
         "low_memory": False,
         "keep_default_na": False,
@@ -324,9 +399,11 @@ def iter_chunks(source: TableSource, wanted: Iterable[str], rows: int) -> Iterat
                 yield _dates_as_timestamps(pa.Table.from_batches([batch]).rename_columns(names))
             return
         with source.path.open("rb", buffering=0) as handle:
-            bounded = BoundedLines(handle, source.path.name)
+            stream: Any = io.BufferedReader(BoundedLines(handle, source.path.name), 1 << 18)
+            if source.mixed:
+                stream = io.BufferedReader(Utf8Lines(stream), 1 << 18)
             reader = pd.read_csv(
-                io.BufferedReader(bounded, 1 << 18),
+                stream,
                 usecols=raw,
                 chunksize=rows,
                 compression=None,  # by content, not by name: a plain CSV may be called x.gz

@@ -199,56 +199,108 @@ def test_utf8_split_between_read_blocks_is_still_utf8(
     text = "client_id\n" + "a" * 3 + "é" + "\n"  # é: bytes 13 and 14, blocks 7..13 and 14..20
     path = tmp_path / "split.csv"
     path.write_bytes(text.encode("utf-8"))
-    assert tables._encoding(path) == ("utf-8-sig", "strict")
+    assert tables._encoding(path) == "utf-8-sig"
     path.write_bytes(text.encode("utf-8")[:-2])  # ends inside the character: not UTF-8
-    assert tables._encoding(path) == ("cp1252", "strict")
+    assert tables._encoding(path) == "cp1252"
     path.write_bytes(("a" * 40 + "é").encode("cp1252"))
-    assert tables._encoding(path) == ("cp1252", "strict")
+    assert tables._encoding(path) == "cp1252"
+    # A U+FFFD written in the file, split between blocks, is still a character.
+    path.write_bytes(("client_id\n" + "a" * 2 + "\ufffd" + "\n").encode())
+    assert tables._encoding(path) == "utf-8-sig"
+    path.write_bytes(("client_id\n" + "a" * 2 + "\ufffd" + "\n").encode() + b"\xe9\n")
+    assert tables._encoding(path) == tables.MIXED
 
 
 def test_how_each_mix_of_bytes_is_decoded(tmp_path: Path) -> None:
     from detector import tables
 
     path = tmp_path / "x.csv"
+    bom = "\ufeff".encode()
     cases = [
-        ("client_id\nc-é\n".encode(), ("utf-8-sig", "strict")),
-        ("client_id\nc-é\n".encode("cp1252"), ("cp1252", "strict")),
+        ("client_id\nc-é\n".encode(), "utf-8-sig"),
+        (bom + "client_id\nc-é\n".encode(), "utf-8-sig"),
+        ("client_id\nc-é\n".encode("cp1252"), "cp1252"),
+        ("client_id\nc-é\n".encode("utf-16"), "utf-16"),
         # A U+FFFD written in the file is text, not a sign of bytes gone wrong.
-        ("client_id\nc-\ufffd\n".encode(), ("utf-8-sig", "strict")),
-        # UTF-8 rows, then one row from a Windows-1252 system: mixed.
-        ("client_id\nc-é\n".encode() + "d-é\n".encode("cp1252"), ("utf-8-sig", "replace")),
-        ("client_id\nd-é\n".encode("cp1252") + "c-é\n".encode(), ("utf-8-sig", "replace")),
+        ("client_id\nc-\ufffd\n".encode(), "utf-8-sig"),
+        # UTF-8 rows, then one row from a Windows-1252 system, or the other way round.
+        ("client_id\nc-é\n".encode() + "d-é\n".encode("cp1252"), tables.MIXED),
+        ("client_id\nd-é\n".encode("cp1252") + "c-é\n".encode(), tables.MIXED),
+        # Windows-1252 behind a UTF-8 byte-order mark.
+        (bom + "client_id\nd-é\n".encode("cp1252"), tables.MIXED),
+        # Windows-1252 in which "Ã©" happens to be valid UTF-8.
+        ("client_id,note\nd-é,x\ne,Ã©\n".encode("cp1252"), tables.MIXED),
     ]
     for data, expected in cases:
         path.write_bytes(data)
         assert tables._encoding(path) == expected, data
 
 
-def test_a_file_mixing_utf8_and_windows_1252_keeps_its_utf8_ids(
-    export: tuple[pd.DataFrame, pd.DataFrame], tiny_artifacts: ArtifactSet, tmp_path: Path
+@pytest.mark.parametrize("block", [1 << 18, 7])
+def test_a_file_mixing_utf8_and_windows_1252_reads_each_line_in_its_own(
+    export: tuple[pd.DataFrame, pd.DataFrame],
+    tiny_artifacts: ArtifactSet,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    block: int,
 ) -> None:
-    """A UTF-8 export with one row appended by a Windows-1252 system was decoded whole as
+    """A UTF-8 export with rows appended by a Windows-1252 system was decoded whole as
     Windows-1252: every `é` became `Ã©`, no id joined the (UTF-8) clients file, and exit 0.
-    Now the UTF-8 rows score as in the clean file and the odd row is a reject."""
+    Now every line is read in the encoding it is valid in: the file scores as its UTF-8 form.
+    (`block` 7 splits lines and characters between the transcoder's reads.)"""
+    from detector import tables
+
+    init = tables.Utf8Lines.__init__
+    monkeypatch.setattr(
+        tables.Utf8Lines, "__init__", lambda self, source: init(self, source, block)
+    )
     clients, invoices = export
     accented = {c: f"cé-{c}" for c in invoices["client_id"].unique()}
     invoices = invoices.assign(client_id=invoices["client_id"].map(accented))
     clients = clients.assign(client_id=clients["client_id"].map(accented))
     clients_path = _write(clients, tmp_path / "clients.csv")
     clean = _write(invoices, tmp_path / "clean.csv")
-    expected, _, _ = scored(clean, tiny_artifacts, tmp_path, clients_path)
-    odd = invoices.head(1).assign(client_id="zé-1").to_csv(index=False, header=False)
-    mixed = tmp_path / "mixed.csv"
-    mixed.write_bytes(clean.read_bytes() + odd.encode("cp1252"))
-    got, rejects, summary = scored(mixed, tiny_artifacts, tmp_path, clients_path)
-    pd.testing.assert_frame_equal(got, expected)
-    assert rejects is not None
-    assert list(rejects["row"]) == [len(invoices)]
-    assert list(rejects["client_id"]) == ["z\ufffd-1"]
-    assert rejects["reason"].iloc[0] == UNDECODABLE_ID
-    assert summary["csv_dialect"] == {"separator": ",", "encoding": "utf-8", "mixed_encoding": True}
-    _, _, clean_summary = scored(clean, tiny_artifacts, tmp_path)
+    expected, _, clean_summary = scored(clean, tiny_artifacts, tmp_path, clients_path)
     assert clean_summary["csv_dialect"]["mixed_encoding"] is False
+    half = len(invoices) // 2
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_bytes(
+        invoices.head(half).to_csv(index=False).encode()
+        + invoices.iloc[half:].to_csv(index=False, header=False).encode("cp1252")
+    )
+    # The same rows with the halves swapped, behind a UTF-8 byte-order mark.
+    swapped = tmp_path / "swapped.csv"
+    swapped.write_bytes(
+        "\ufeff".encode()
+        + invoices.head(half).to_csv(index=False).encode("cp1252")
+        + invoices.iloc[half:].to_csv(index=False, header=False).encode()
+    )
+    for path in (mixed, swapped):
+        got, rejects, summary = scored(path, tiny_artifacts, tmp_path, clients_path)
+        assert rejects is None, rejects
+        pd.testing.assert_frame_equal(got, expected)
+        assert summary["csv_dialect"]["mixed_encoding"] is True
+    # A Windows-1252 clients file in which one note happens to be valid UTF-8 still joins.
+    noted = clients.assign(note=["Ã©"] + [""] * (len(clients) - 1))
+    western = _write(noted, tmp_path / "clients-1252.csv", encoding="cp1252")
+    got, rejects, _ = scored(clean, tiny_artifacts, tmp_path, western)
+    assert rejects is None, rejects
+    pd.testing.assert_frame_equal(got, expected)
+
+
+def test_an_id_holding_the_replacement_character_is_rejected(
+    export: tuple[pd.DataFrame, pd.DataFrame], tiny_artifacts: ArtifactSet, tmp_path: Path
+) -> None:
+    """U+FFFD marks bytes lost upstream: two ids may have become one, so it is no key."""
+    _, invoices = export
+    first = invoices["client_id"].iloc[0]
+    rows = invoices.assign(
+        client_id=invoices["client_id"].where(invoices["client_id"] != first, "c\ufffd")
+    )
+    _, rejects, _ = scored(_write(rows, tmp_path / "x.csv"), tiny_artifacts, tmp_path)
+    assert rejects is not None
+    assert set(rejects["client_id"]) == {"c\ufffd"}
+    assert set(rejects["reason"]) == {UNDECODABLE_ID}
 
 
 def test_the_handed_dialect_cases_score_like_their_clean_form(
