@@ -518,6 +518,9 @@ def score_file(
                 f"{target.name}: an output of this run would overwrite its input; "
                 "choose another --out"
             )
+        # Outputs are renamed into place: over a pipe or a device that would replace it.
+        if target.exists() and not target.is_file():
+            raise InputError(f"{target}: exists and is not a regular file; choose another --out")
     # Written beside the targets and renamed at the end: a run that fails leaves the previous
     # results (and their summary) as they were, never a truncated file.
     partial_out = out.with_name(f".{out.name}.partial-{os.getpid()}")

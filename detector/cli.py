@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,7 +42,8 @@ def _score(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     out = Path(args.out)
-    if out.name in ("", ".", "..") or args.out.endswith(("/", "\\")) or out.is_dir():
+    last = re.split(r"[/\\]", args.out)[-1]  # as typed: Path drops a trailing "/."
+    if last in ("", ".", "..") or out.is_dir():
         raise InputError(
             f"--out {args.out!r}: not a file name (empty, or a folder); give the results file, "
             "such as results.csv"
@@ -53,6 +55,8 @@ def _score(args: argparse.Namespace) -> int:
             f"{summary_path.name}: an output of this run would overwrite its input; "
             "choose another --out"
         )
+    if summary_path.exists() and not summary_path.is_file():
+        raise InputError(f"{summary_path}: exists and is not a regular file; choose another --out")
     if args.model_dir:
         artifacts = ArtifactSet(Path(args.model_dir))
     else:
@@ -332,20 +336,18 @@ def _snapshot(args: argparse.Namespace) -> int:
 
 def _port(text: str) -> int:
     """A TCP port, 0 (any free port) to 65535 (RFC 793); uvicorn would wrap 99999 silently."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not re.fullmatch(r"[0-9]{1,5}", text):  # int() would take "8_0", " 80", "+80", "٨٠"
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number")
+    port = int(text)
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port} is not a port (0 to 65535)")
     return port
 
 
 def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not re.fullmatch(r"[0-9]{1,12}", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{value} is not positive")
     return value
