@@ -20,10 +20,12 @@ requests. Scenarios, each body as large as `PTD_MAX_BODY_BYTES` allows:
                        enough objects to be parsed (then 413: too many records)
     small_dicts        records of `{"a":"x1","b":"x2","c":"x3"}` with distinct values, one
                        object per 32 bytes: the densest objects parsed
+    floats_and_dicts   `{"records": [{"a":1e1},1e1,1e1,...]}`, an object every 7th item: the
+                       most memory per body byte found (a reviewer's shape; 413 after parsing)
     unknown_keys       one record whose `features` has hundreds of thousands of unknown keys
     gzip_bomb          a gzip body of a few kB that inflates past the limit (refused, 413)
-    concurrent_hostile `--concurrency` short_strings bodies at once
-    budget_filled_hostile  `--concurrency` short_strings bodies that together fill
+    concurrent_hostile `--concurrency` floats_and_dicts bodies at once
+    budget_filled_hostile  `--concurrency` floats_and_dicts bodies that together fill
                        `PTD_MAX_INFLIGHT_BODY_BYTES`: all in work at once, the budget's worst
     concurrent_valid   `--concurrency` valid_histories bodies at once
 
@@ -208,6 +210,12 @@ def small_dicts_body(limit: int) -> bytes:
     return filled(record, limit)
 
 
+def floats_and_dicts_body(limit: int) -> bytes:
+    """Records that are floats (`1e1`, 24 bytes of float object for 4 of JSON) with an object
+    every 7th item, under the objects-per-byte limit."""
+    return filled(lambda k: '{"a":1e1}' if k % 7 == 0 else "1e1", limit)
+
+
 def unknown_keys_body(limit: int) -> bytes:
     """One predict body whose `features` holds distinct unknown keys up to `limit` bytes."""
     head, tail = '{"customer_id":"x","features":{', "}}"
@@ -310,9 +318,10 @@ def run(
         "gzip_bomb": lambda: [gzip_bomb(max_body)],
         "short_strings": lambda: [short_strings_body(max_body)],
         "small_dicts": lambda: [small_dicts_body(max_body)],
-        "concurrent_hostile": lambda: [short_strings_body(max_body)] * concurrency,
+        "floats_and_dicts": lambda: [floats_and_dicts_body(max_body)],
+        "concurrent_hostile": lambda: [floats_and_dicts_body(max_body)] * concurrency,
         "budget_filled_hostile": lambda: (
-            [short_strings_body(inflight // concurrency)] * concurrency
+            [floats_and_dicts_body(inflight // concurrency)] * concurrency
         ),
         "concurrent_valid": lambda: [histories_body(max_body)[0]] * concurrency,
     }

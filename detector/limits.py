@@ -14,7 +14,7 @@ docs/OPERATIONS.md). The number of buckets is bounded (least recently used ones 
 dropped bucket is simply full again), so a flood of distinct addresses cannot grow memory.
 
 Bytes in work (`BodyBudget`): parsing and scoring a JSON body costs memory in proportion to its
-size (up to about 13 times for the worst shape `api.parse_json` lets through, measured in
+size (up to about 17 times for the worst shape found that `api.parse_json` lets through, in
 docs/OPERATIONS.md), so the sum of the bodies an instance works on at once is bounded. A request
 reserves its body's size before its body is read; one that does not fit waits, first come first
 served, and is refused when the wait would exceed a bound. Waiting costs nothing: the body is

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.memory import (
+    floats_and_dicts_body,
     histories_body,
     hostile_body,
     peak_rss,
@@ -65,6 +66,7 @@ def test_a_hostile_batch_costs_about_what_a_good_one_does(server: tuple[int, int
         (hostile_body("0", len(good)), 200),  # parsed: every record its own error
         (short_strings_body(len(good)), 413),  # parsed, the densest shape left: too many records
         (small_dicts_body(len(good)), 413),
+        (floats_and_dicts_body(len(good)), 413),  # the most memory per byte found
         (hostile_body("{}", len(good)), 400),  # refused unparsed: too many objects
         (hostile_body('{"a":0}', len(good)), 400),
         (hostile_body("[]", len(good)), 400),
