@@ -325,6 +325,11 @@ def open_table(path: Path, known: Iterable[str]) -> TableSource:
     header = _header_line(path, encoding, mixed).lstrip("\ufeff")
     if not header.strip():
         raise InputError(f"{path.name}: the first line is empty; expected a header row")
+    if "\x00" in header:  # every other byte NUL: UTF-16 whose byte-order mark was lost
+        raise InputError(
+            f"{path.name}: the header holds NUL bytes (UTF-16 without a byte-order mark?); "
+            "save the file as CSV UTF-8"
+        )
     separator = _separator(header)
     raw = next(csv.reader([header], delimiter=separator))
     duplicated = sorted({name for name in raw if raw.count(name) > 1})

@@ -236,6 +236,17 @@ def test_how_each_mix_of_bytes_is_decoded(tmp_path: Path) -> None:
         assert tables._encoding(path) == expected, data
 
 
+def test_utf16_without_its_byte_order_mark_is_named(
+    export: tuple[pd.DataFrame, pd.DataFrame], tiny_artifacts: ArtifactSet, tmp_path: Path
+) -> None:
+    """It was "missing column(s)" with a header of NULs."""
+    _, invoices = export
+    path = tmp_path / "u16.csv"
+    path.write_bytes(invoices.to_csv(index=False).encode("utf-16-le"))
+    with pytest.raises(InputError, match="UTF-16 without a byte-order mark"):
+        score_file(path, tiny_artifacts, tmp_path / "r.csv")
+
+
 @pytest.mark.parametrize("block", [1 << 18, 7])
 def test_a_file_mixing_utf8_and_windows_1252_reads_each_line_in_its_own(
     export: tuple[pd.DataFrame, pd.DataFrame],
