@@ -325,11 +325,16 @@ def open_table(path: Path, known: Iterable[str]) -> TableSource:
     header = _header_line(path, encoding, mixed).lstrip("\ufeff")
     if not header.strip():
         raise InputError(f"{path.name}: the first line is empty; expected a header row")
-    if "\x00" in header:  # every other byte NUL: UTF-16 whose byte-order mark was lost
-        raise InputError(
-            f"{path.name}: the header holds NUL bytes (UTF-16 without a byte-order mark?); "
-            "save the file as CSV UTF-8"
-        )
+    if "\x00" in header:
+        with path.open("rb") as handle:
+            start = handle.read(64)
+        # Every other byte NUL: UTF-16 text whose byte-order mark was lost.
+        if len(start) >= 8 and (not any(start[1::2]) or not any(start[0::2])):
+            raise InputError(
+                f"{path.name}: the header holds NUL bytes (UTF-16 without a byte-order mark?); "
+                "save the file as CSV UTF-8"
+            )
+        raise InputError(f"{path.name}: neither CSV nor Parquet (binary content)")
     separator = _separator(header)
     raw = next(csv.reader([header], delimiter=separator))
     duplicated = sorted({name for name in raw if raw.count(name) > 1})
