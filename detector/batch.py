@@ -134,14 +134,15 @@ def _features_from_table(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFram
         bad = (column < spec.min) | (column > spec.max) | np.isinf(column)
         if spec.required:
             bad |= column.isna()
-        if spec.kind == "categorical":
+        if spec.whole:
             bad |= column.notna() & (column != np.trunc(column))
+        what = "an integer code" if spec.kind == "categorical" else "a whole number"
         reasons[bad & (reasons == "")] = (
             f"invalid {spec.name}: "
             + ("missing or " if spec.required else "")
-            + ("not an integer code " if spec.kind == "categorical" else "")
+            + (f"not {what} or " if spec.whole else "")
             + f"outside [{spec.min:g}, {spec.max:g}]"
-        ).replace("code outside", "code or outside")
+        )
         values[spec.name] = column
     duplicated = ids.duplicated(keep="first") & (reasons == "")
     reasons[duplicated] = "duplicate client_id: first row used"

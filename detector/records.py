@@ -87,13 +87,21 @@ def _integer_code(value: float) -> float:
     return value
 
 
+def _count(value: float) -> float:
+    if value != int(value):
+        raise ValueError("a count must be a whole number")
+    return value
+
+
 def _feature_field(spec: FeatureSpec) -> Any:
-    """A feature's type: a bounded number (a whole number for a categorical code: 101 or
-    101.0, not 101.5), nullable unless every client with an invoice has it
+    """A feature's type: a bounded number (a whole number for a categorical code or a count:
+    101 or 101.0, not 101.5), nullable unless every client with an invoice has it
     (`FeatureSpec.required`)."""
     bounded: Any = Annotated[float, _bounded(spec.name)]
     if spec.kind == "categorical":
         bounded = Annotated[float, _bounded(spec.name), AfterValidator(_integer_code)]
+    elif spec.whole:
+        bounded = Annotated[float, _bounded(spec.name), AfterValidator(_count)]
     if spec.required:
         return bounded
     return NotRequired[bounded | None]

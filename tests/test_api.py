@@ -376,6 +376,22 @@ def test_batch_reasons_match_top_reasons(tiny_artifacts: ArtifactSet) -> None:
 # --- bad input: one test per class ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("region", "categorical code"), ("n_invoices", "count"), ("elec_n_meters", "count")],
+)
+def test_codes_and_counts_with_decimals_are_422(
+    client: TestClient, name: str, message: str
+) -> None:
+    """`n_invoices: 1.5` was scored: no system counts half an invoice."""
+    bad = {"customer_id": "c", "features": {**FEATURES_BODY, name: 1.5}}
+    response = post(client, "/api/predict", bad)
+    assert_error(response, 422, f"features.{name}", "invalid_value")
+    assert f"a {message} must be a whole number" in response.json()["error"]["message"]
+    whole = {"customer_id": "c", "features": {**FEATURES_BODY, name: 2.0}}
+    assert post(client, "/api/predict", whole).status_code == 200
+
+
 def test_wrong_type_is_422(client: TestClient) -> None:
     bad = {"customer_id": "c", "features": {**FEATURES_BODY, "first_year": "12"}}
     assert_error(post(client, "/api/predict", bad), 422, "features.first_year", "invalid_value")

@@ -420,6 +420,23 @@ def test_placeholder_dates_are_rejected_and_the_client_scored_on_the_rest(
     pd.testing.assert_frame_equal(got, clean)
 
 
+def test_a_features_table_with_a_fractional_count_rejects_that_row(
+    tiny_artifacts: ArtifactSet, tmp_path: Path
+) -> None:
+    from tests.test_api import FEATURES_BODY
+
+    rows = pd.DataFrame(
+        [
+            {"client_id": "whole", **FEATURES_BODY},
+            {"client_id": "half", **FEATURES_BODY, "n_invoices": 1.5},
+        ]
+    )
+    got, rejects, _ = scored(_write(rows, tmp_path / "features.csv"), tiny_artifacts, tmp_path)
+    assert list(got["client_id"]) == ["whole"]
+    assert rejects is not None and list(rejects["client_id"]) == ["half"]
+    assert rejects["reason"].iloc[0].startswith("invalid n_invoices: missing or not a whole number")
+
+
 def test_the_handed_sentinel_date_case(tiny_artifacts: ArtifactSet, tmp_path: Path) -> None:
     """`9999-12-31` (a "no end date" sentinel) was wrapped into 1816; it is a reject, and the
     client is scored exactly as on its two real invoices."""

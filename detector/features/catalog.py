@@ -33,6 +33,8 @@ OPTIONAL_COLUMN_FAMILIES = ("index_mismatch_share", "index_negative_share", "coe
 MAX_SLOPE = 1_000.0  # relative change per year; clipped (a few days of history can give more)
 MAX_INVOICES = 10_000_000
 MAX_DAYS = (MAX_YEAR - MIN_YEAR + 1) * 366.0
+# Units of features that count things: their values are whole numbers (`FeatureSpec.whole`).
+COUNT_UNITS = ("invoices", "meters", "codes", "tariffs", "changes")
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,11 @@ class FeatureSpec:
     family: str = ""
     scope: str = ""
     required: bool = True
+
+    @property
+    def whole(self) -> bool:
+        """Only whole numbers are valid: a categorical code (101, not 101.5) or a count."""
+        return self.kind == "categorical" or self.unit in COUNT_UNITS
 
     def to_dict(self) -> dict[str, object]:
         return {key: value for key, value in asdict(self).items() if key not in ("family", "scope")}
