@@ -218,18 +218,7 @@ def floats_and_dicts_body(limit: int) -> bytes:
 
 def unknown_keys_body(limit: int) -> bytes:
     """One predict body whose `features` holds distinct unknown keys up to `limit` bytes."""
-    head, tail = '{"customer_id":"x","features":{', "}}"
-    parts: list[str] = []
-    size = len(head) + len(tail)
-    k = 0
-    while True:
-        part = f'"k{k}":0'
-        if size + len(part) + 1 > limit:
-            break
-        parts.append(part)
-        size += len(part) + 1
-        k += 1
-    return (head + ",".join(parts) + tail).encode()
+    return filled(lambda k: f'"k{k}":0', limit, '{"customer_id":"x","features":{', "}}")
 
 
 def histories_body(limit: int, records: int = 10_000) -> tuple[bytes, int]:

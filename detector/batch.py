@@ -465,6 +465,18 @@ def _write_csv(frame: pd.DataFrame, handle: Any, header: bool) -> None:
     safe.to_csv(handle, header=header, index=False)
 
 
+def check_output(target: Path, *inputs: Path | None) -> None:
+    """Raise InputError when writing `target` would overwrite one of the `inputs`, or when it
+    exists and is not a regular file: outputs are renamed into place, which would replace a
+    pipe or a device."""
+    if target.resolve() in {Path(p).resolve() for p in inputs if p is not None}:
+        raise InputError(
+            f"{target.name}: an output of this run would overwrite its input; choose another --out"
+        )
+    if target.exists() and not target.is_file():
+        raise InputError(f"{target}: exists and is not a regular file; choose another --out")
+
+
 @dataclass(frozen=True)
 class _Run:
     """What one `score_file` call was asked for, shared by its stages."""
@@ -512,16 +524,8 @@ def score_file(
     )
     path, out = Path(path), Path(out)
     rejects_out = Path(rejects_out) if rejects_out else out.with_name(out.stem + ".rejects.csv")
-    inputs = {Path(p).resolve() for p in (path, clients_path) if p is not None}
     for target in (out, rejects_out):
-        if target.resolve() in inputs:
-            raise InputError(
-                f"{target.name}: an output of this run would overwrite its input; "
-                "choose another --out"
-            )
-        # Outputs are renamed into place: over a pipe or a device that would replace it.
-        if target.exists() and not target.is_file():
-            raise InputError(f"{target}: exists and is not a regular file; choose another --out")
+        check_output(target, path, clients_path)
     # Written beside the targets and renamed at the end: a run that fails leaves the previous
     # results (and their summary) as they were, never a truncated file.
     partial_out = out.with_name(f".{out.name}.partial-{os.getpid()}")

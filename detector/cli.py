@@ -35,7 +35,7 @@ def _score(args: argparse.Namespace) -> int:
     summary the blob trigger writes to summary.json, drift included)."""
     import json
 
-    from detector.batch import score_file
+    from detector.batch import check_output, score_file
     from detector.config import Settings
     from detector.model import ArtifactSet
     from detector.schema import InputError
@@ -49,14 +49,7 @@ def _score(args: argparse.Namespace) -> int:
             "such as results.csv"
         )
     summary_path = Path(args.out).with_name(Path(args.out).stem + ".summary.json")
-    given = [Path(p).resolve() for p in (args.invoices, args.clients) if p]
-    if summary_path.resolve() in given:
-        raise InputError(
-            f"{summary_path.name}: an output of this run would overwrite its input; "
-            "choose another --out"
-        )
-    if summary_path.exists() and not summary_path.is_file():
-        raise InputError(f"{summary_path}: exists and is not a regular file; choose another --out")
+    check_output(summary_path, *(Path(p) for p in (args.invoices, args.clients) if p))
     if args.model_dir:
         artifacts = ArtifactSet(Path(args.model_dir))
     else:

@@ -81,16 +81,15 @@ RECORD_FIELDS = ("customer_id", "features", "invoices", "client")
 EXTRA_KEYS_REPORTED = 20  # as many unknown keys as `details` can list
 
 
-def _integer_code(value: float) -> float:
-    if value != int(value):
-        raise ValueError("a categorical code must be a whole number")
-    return value
+def _whole(what: str) -> Callable[[float], float]:
+    """A validator refusing a value with decimals, its message naming `what` it is."""
 
+    def check(value: float) -> float:
+        if value != int(value):
+            raise ValueError(f"{what} must be a whole number")
+        return value
 
-def _count(value: float) -> float:
-    if value != int(value):
-        raise ValueError("a count must be a whole number")
-    return value
+    return check
 
 
 def _feature_field(spec: FeatureSpec) -> Any:
@@ -98,10 +97,9 @@ def _feature_field(spec: FeatureSpec) -> Any:
     101 or 101.0, not 101.5), nullable unless every client with an invoice has it
     (`FeatureSpec.required`)."""
     bounded: Any = Annotated[float, _bounded(spec.name)]
-    if spec.kind == "categorical":
-        bounded = Annotated[float, _bounded(spec.name), AfterValidator(_integer_code)]
-    elif spec.whole:
-        bounded = Annotated[float, _bounded(spec.name), AfterValidator(_count)]
+    if spec.whole:
+        what = "a categorical code" if spec.kind == "categorical" else "a count"
+        bounded = Annotated[float, _bounded(spec.name), AfterValidator(_whole(what))]
     if spec.required:
         return bounded
     return NotRequired[bounded | None]
